@@ -1,0 +1,3 @@
+from vlmtile.cli import main
+
+main()

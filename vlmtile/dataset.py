@@ -1,0 +1,105 @@
+"""Reading a finished output directory back: `open_dataset(path)` for either format.
+
+Records come back as dicts with `key`, `pixel_values` (float32 normalized: bit-exact with
+`Strategy.process` for float32 and uint8 storage) and every metadata field. Only the manifest is trusted
+to say what the directory holds: a directory without one is not finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .dtypes import decode_pixels, numpy_dtype
+from .errors import VlmtileError
+from .runner import MANIFEST
+from .strategies import Strategy, get_preset, get_strategy
+from .strategies.base import tunable_fields
+
+
+def strategy_from_manifest(manifest: dict[str, Any]) -> Strategy:
+    """Rebuild the exact strategy that wrote a directory, refusing if this version resolves it otherwise."""
+    spec = manifest["strategy"]
+    preset = get_preset(spec["name"])
+    tunable = {f.name for f in tunable_fields(preset.cls)}
+    strategy = get_strategy(spec["name"], **{k: v for k, v in spec["params"].items() if k in tunable})
+    if strategy.params() != spec["params"]:
+        raise VlmtileError(
+            f"this vlmtile resolves strategy {spec['name']!r} differently from the one that wrote the data "
+            f"(written: {spec['params']}, now: {strategy.params()})"
+        )
+    return strategy
+
+
+class Dataset:
+    """An iterable over the records of a finished vlmtile output directory."""
+
+    def __init__(self, path: str | os.PathLike[str], *, as_stored: bool = False) -> None:
+        self.path = os.fspath(path)
+        manifest_path = os.path.join(self.path, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise VlmtileError(f"{self.path} has no {MANIFEST}: not a finished vlmtile output directory")
+        with open(manifest_path, encoding="utf-8") as f:
+            self.manifest: dict[str, Any] = json.load(f)
+        self.strategy = strategy_from_manifest(self.manifest)
+        self.format: str = self.manifest["format"]
+        self.dtype: str = self.manifest["dtype"]
+        self.as_stored = as_stored
+        """If True, `pixel_values` is the stored array (uint8 / float16 / bfloat16) instead of float32."""
+
+    def __len__(self) -> int:
+        return int(self.manifest["totals"]["records"])
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.path, s["name"]) for s in self.manifest["shards"]]
+
+    def _pixels(self, stored: np.ndarray) -> np.ndarray:
+        return stored if self.as_stored else decode_pixels(self.strategy, stored, self.dtype)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for path in self.shard_paths:
+            yield from (self._parquet(path) if self.format == "parquet" else self._tar(path))
+
+    def _parquet(self, path: str) -> Iterator[dict[str, Any]]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=16):
+            for row in batch.to_pylist():
+                stored = np.frombuffer(row["pixel_values"], numpy_dtype(row["dtype"])).reshape(row["shape"])
+                row["pixel_values"] = self._pixels(stored)
+                yield row
+
+    def _tar(self, path: str) -> Iterator[dict[str, Any]]:
+        sample: dict[str, bytes] = {}
+        key = None
+        with tarfile.open(path, mode="r") as tar:
+            for member in tar:
+                base, _, ext = member.name.partition(".")
+                if key is not None and base != key:
+                    yield self._tar_record(sample)
+                    sample = {}
+                key = base
+                data = tar.extractfile(member)
+                if data is not None:
+                    sample[ext] = data.read()
+        if sample:
+            yield self._tar_record(sample)
+
+    def _tar_record(self, sample: dict[str, bytes]) -> dict[str, Any]:
+        row: dict[str, Any] = json.loads(sample["json"])
+        stored = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        if row["dtype"] == "bfloat16":
+            stored = stored.view(numpy_dtype("bfloat16"))
+        row["pixel_values"] = self._pixels(stored)
+        return row
+
+
+def open_dataset(path: str | os.PathLike[str], *, as_stored: bool = False) -> Dataset:
+    """Open a finished `vlmtile preprocess` output directory (Parquet or WebDataset) for reading."""
+    return Dataset(path, as_stored=as_stored)

@@ -1,0 +1,45 @@
+"""Storage dtypes for pixel arrays, and the exact way from stored bytes back to the model's float32.
+
+uint8 stores the resized pixels before normalization (4x smaller than float32); the reader normalizes
+them through the strategy's table and gets the float32 bits `process` returns. float16 and bfloat16 are
+rounded to nearest-even from float32, as `tensor.half()` / `.bfloat16()` do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from .strategies import Strategy
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
+BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype for a storage dtype name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        return BFLOAT16
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(STORAGE_DTYPES)}")
+    dtype: np.dtype[Any] = np.dtype(name)
+    return dtype
+
+
+def encode_pixels(strategy: Strategy, pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """uint8 pixels from `render` -> the array to store."""
+    if dtype == "uint8":
+        return pixels
+    normalized = strategy.normalize(pixels)
+    if dtype == "float32":
+        return normalized
+    return normalized.astype(numpy_dtype(dtype))
+
+
+def decode_pixels(strategy: Strategy, stored: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array -> float32 normalized (exact for float32 and uint8 storage)."""
+    if dtype == "uint8":
+        return strategy.normalize(stored)
+    return stored.astype(np.float32)

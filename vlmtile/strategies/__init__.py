@@ -1,0 +1,120 @@
+"""The strategy registry: preset name -> (strategy class, preset params). Presets are data.
+
+Every strategy module is imported explicitly below and registers its presets here; a duplicate name or
+alias is an error at import time, never a silent overwrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Plan, Result, Strategy, tunable_fields
+from .internvl import InternVL
+from .qwen import QwenVL
+
+__all__ = [
+    "Plan",
+    "Preset",
+    "Result",
+    "Strategy",
+    "get_preset",
+    "get_strategy",
+    "list_strategies",
+    "register_preset",
+]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model configuration: which strategy class, with which fixed and default params."""
+
+    name: str
+    cls: type[Strategy]
+    params: dict[str, Any]
+    description: str
+    aliases: tuple[str, ...] = ()
+
+
+_PRESETS: dict[str, Preset] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _alias_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def register_preset(preset: Preset) -> None:
+    """Add a preset; its name, its aliases and their dash-less spellings must all be new."""
+    if preset.name in _PRESETS:
+        raise ValueError(f"strategy {preset.name!r} is already registered")
+    field_names = {f.name for f in dataclasses.fields(preset.cls)}
+    unknown = set(preset.params) - field_names
+    if unknown:
+        raise ValueError(f"preset {preset.name!r} sets unknown fields {sorted(unknown)}")
+    keys = {_alias_key(preset.name)} | {_alias_key(a) for a in preset.aliases}
+    for key in keys:
+        if key in _ALIASES:
+            raise ValueError(f"alias {key!r} of {preset.name!r} already names {_ALIASES[key]!r}")
+    _PRESETS[preset.name] = preset
+    for key in keys:
+        _ALIASES[key] = preset.name
+
+
+def list_strategies() -> list[str]:
+    """Canonical names of every registered strategy, sorted."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by canonical name or alias (case, '-' and '_' do not matter)."""
+    canonical = _ALIASES.get(_alias_key(name))
+    if canonical is None:
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(list_strategies())}")
+    return _PRESETS[canonical]
+
+
+def get_strategy(name: str, **params: Any) -> Strategy:
+    """Build a strategy from a preset plus user parameters (`max_tiles=6`, `max_pixels=1003520`, ...).
+
+    Only tunable parameters are accepted: fixed ones (patch size, mean/std) define the model, so changing
+    them is a new preset, not a knob.
+    """
+    preset = get_preset(name)
+    tunable = {f.name for f in tunable_fields(preset.cls)}
+    unknown = sorted(set(params) - tunable)
+    if unknown:
+        raise ValueError(
+            f"strategy {preset.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {', '.join(sorted(tunable))}"
+        )
+    return preset.cls(**{**preset.params, **params, "name": preset.name})
+
+
+register_preset(
+    Preset(
+        "internvl",
+        InternVL,
+        {},
+        "InternVL 1.5/2/2.5/3: closest-aspect grid of 448-px tiles (max 12) + thumbnail, 256 tokens/tile.",
+        aliases=("internvl2", "internvl2.5", "internvl3"),
+    )
+)
+register_preset(
+    Preset(
+        "qwen2-vl",
+        QwenVL,
+        {"min_pixels": 3136, "max_pixels": 12845056},
+        "Qwen2-VL: smart_resize to multiples of 28 in [min_pixels, max_pixels], 14-px patches, 2x2 merge.",
+    )
+)
+register_preset(
+    Preset(
+        "qwen2.5-vl",
+        QwenVL,
+        {"min_pixels": 3136, "max_pixels": 12845056},
+        "Qwen2.5-VL: same image preprocessing as Qwen2-VL (its checkpoints ship the same config).",
+        aliases=("qwen25-vl",),
+    )
+)

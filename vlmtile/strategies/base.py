@@ -1,0 +1,251 @@
+"""What every strategy shares: parameters, the frozen `Plan`, RGB conversion and exact normalization.
+
+A strategy is split in two on purpose. `plan(width, height)` is pure integer geometry, so `stats` can
+count tokens from image headers and tests can sweep millions of sizes without touching a pixel.
+`render(image, plan)` is the only step that touches pixels; it returns the resized uint8 pixels already in
+the model's layout, and `normalize` maps them to float32 through a 256-entry table per channel computed
+with the reference arithmetic, which makes the float32 output (and uint8 storage read back later) equal
+to the reference bit for bit by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Box = tuple[int, int, int, int]
+"""A tile box (left, top, right, bottom) in pixels of the resized image, as `PIL.Image.crop` takes it."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ALPHA_MODES = ("white", "drop")
+
+
+def param(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | None = None,
+    tunable: bool = True,
+) -> Any:
+    """Declare a strategy field. Tunable fields become `get_strategy` keywords and CLI options.
+
+    Non-tunable fields (patch size, mean/std, ...) are fixed by a preset: changing them would describe a
+    different model, not a different budget for the same one.
+    """
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "minimum": minimum, "tunable": tunable},
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The geometry of one image under one strategy: no pixels, cheap to build, safe to pickle."""
+
+    strategy: str
+    orig_width: int
+    orig_height: int
+    resized_width: int
+    resized_height: int
+    grid: tuple[int, int]
+    """Tile grid as (cols, rows); (1, 1) for strategies that do not tile."""
+    tile_boxes: tuple[Box, ...]
+    """Row-major boxes over the resized image; together they cover it exactly, without overlap."""
+    thumbnail: bool
+    num_tiles: int
+    """Number of views the vision encoder sees (tiles plus thumbnail / global view)."""
+    num_tokens: int
+    """Visual placeholder tokens the language model sees for this image (wrapper tokens excluded)."""
+    shape: tuple[int, ...]
+    """Shape of `pixel_values` in the model's own layout."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Strategy-specific metadata the model needs (e.g. Qwen's `image_grid_thw`), as JSON-able pairs."""
+
+    def metadata(self) -> dict[str, Any]:
+        """Per-image metadata as stored with every record (JSON-able, lists instead of tuples)."""
+        meta: dict[str, Any] = {
+            "orig_width": self.orig_width,
+            "orig_height": self.orig_height,
+            "resized_width": self.resized_width,
+            "resized_height": self.resized_height,
+            "grid": list(self.grid),
+            "thumbnail": self.thumbnail,
+            "num_tiles": self.num_tiles,
+            "num_tokens": self.num_tokens,
+        }
+        for key, value in self.extra:
+            meta[key] = list(value) if isinstance(value, tuple) else value
+        return meta
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `Strategy.process` returns for one image."""
+
+    pixel_values: np.ndarray
+    """float32, normalized, in the model's own layout (`plan.shape`)."""
+    plan: Plan
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.plan.metadata()
+
+
+def to_rgb(image: Image.Image, alpha: str) -> Image.Image:
+    """Convert any Pillow mode to RGB the way the chosen reference does.
+
+    "white" is transformers' `convert_to_rgb`: anything with an alpha band or a transparency entry is
+    alpha-composited over opaque white. "drop" is the model repositories' `Image.open(p).convert("RGB")`,
+    which keeps whatever colour sits under transparent pixels. Both agree on images without transparency.
+    """
+    if alpha == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32 table: `table[c, v]` is what the reference computes for channel c, value v.
+
+    The arithmetic is transformers' PIL backend: float32(float64(v) * (1/255)), then (x - mean) / std in
+    float32. torchvision's ToTensor + Normalize (the original repositories) gives the same bits for all
+    256 values; tests check both.
+    """
+    values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    table = (values[None, :] - mean32) / std32
+    return np.ascontiguousarray(table, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base of every strategy: a frozen set of resolved parameters plus plan / render / normalize.
+
+    Subclasses are dataclasses whose fields are declared with `param`; the registry builds them from a
+    preset (model name -> params) plus the user's keyword arguments.
+    """
+
+    name: str = param("", "Registered name this strategy was created under.", tunable=False)
+    alpha: str = param(
+        "white",
+        "How transparent pixels become RGB: 'white' composites over white (transformers processors), "
+        "'drop' ignores alpha (the model repositories' convert('RGB')).",
+        choices=ALPHA_MODES,
+    )
+    exif_transpose: bool = param(
+        False,
+        "Apply the EXIF orientation before planning (transformers' load_image does; the model "
+        "repositories and processors given a PIL image do not).",
+    )
+
+    mean: tuple[float, ...] = param(IMAGENET_MEAN, "Per-channel normalization mean.", tunable=False)
+    std: tuple[float, ...] = param(IMAGENET_STD, "Per-channel normalization std.", tunable=False)
+
+    metadata_fields: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
+    """Strategy-specific metadata keys and their type ("int", "list<int>", "bool", "str")."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = typing.get_origin(hints[f.name]) or hints[f.name]
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if not ok:
+                raise ValueError(
+                    f"{self.name or type(self).__name__}: parameter {f.name!r} must be "
+                    f"{getattr(expected, '__name__', expected)}, got {value!r}"
+                )
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(
+                    f"{self.name}: parameter {f.name!r} must be one of {', '.join(choices)}; got {value!r}"
+                )
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{self.name}: parameter {f.name!r} must be >= {minimum}; got {value!r}")
+        self.validate()
+
+    # -- to be provided by subclasses -------------------------------------------------------------
+    def validate(self) -> None:
+        """Cross-field checks (e.g. min <= max); raise ValueError with a message a user can act on."""
+
+    def plan(self, width: int, height: int) -> Plan:
+        """Pure geometry for an image of `width` x `height` pixels (after EXIF transposition if enabled)."""
+        raise NotImplementedError
+
+    def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
+        """Resize and tile an RGB image per `plan`; uint8 pixels in the model's layout (`plan.shape`)."""
+        raise NotImplementedError
+
+    def channel_view(self, pixels: np.ndarray) -> np.ndarray:
+        """A view of a `plan.shape` array with the colour channel on axis 1 (for normalization)."""
+        return pixels
+
+    # -- shared behaviour -------------------------------------------------------------------------
+    def params(self) -> dict[str, Any]:
+        """Every resolved field, tunable or not: what the manifest records and the config hash covers."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """Orientation and RGB conversion, exactly as the reference does before any resize."""
+        if self.exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image, self.alpha)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels (as `render` returns them) -> float32 normalized, bit-exact with the reference."""
+        table = _table(self.mean, self.std)
+        out = np.empty(pixels.shape, dtype=np.float32)
+        src = self.channel_view(pixels)
+        dst = self.channel_view(out)
+        for c in range(3):
+            dst[:, c] = table[c][src[:, c]]
+        return out
+
+    def process(self, image: Image.Image) -> Result:
+        """Full reference preprocessing of one PIL image in any mode."""
+        rgb = self.prepare(image)
+        plan = self.plan(*rgb.size)
+        return Result(pixel_values=self.normalize(self.render(rgb, plan)), plan=plan)
+
+
+_TABLES: dict[tuple[tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+
+
+def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    key = (mean, std)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = normalization_table(mean, std)
+    return table
+
+
+def tunable_fields(cls: type[Strategy]) -> list[dataclasses.Field[Any]]:
+    """The fields a user may set through `get_strategy` or the CLI."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("tunable", False)]
+
+
+def check_size(width: int, height: int) -> None:
+    """Reject sizes no reference can process (zero or negative sides) with a clear message."""
+    if isinstance(width, bool) or isinstance(height, bool) or width < 1 or height < 1:
+        raise ValueError(f"image size must be at least 1x1, got {width}x{height}")

@@ -1,0 +1,105 @@
+"""Qwen2-VL / Qwen2.5-VL native resolution: `smart_resize` to multiples of 28, then flattened patches.
+
+Parity target: transformers' `Qwen2VLImageProcessorPil` with the public checkpoints' preprocessor config
+(min_pixels 3136, max_pixels 12845056). The output layout is the processor's `pixel_values` for one image:
+(grid_h*grid_w, 3*temporal*patch*patch) rows, each run of merge*merge rows one merge window, the still
+image repeated along the temporal axis; `image_grid_thw` = (1, grid_h, grid_w).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from .base import CLIP_MEAN, CLIP_STD, Plan, Strategy, check_size, param
+
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' `smart_resize` (v5), same operation order: returns (height, width).
+
+    Python `round` is half-to-even and the divisions are float64, as in the reference; a reordering such as
+    `h / (beta * factor)` changes results for some sizes.
+    """
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got "
+            f"{max(height, width) / min(height, width):.6g} ({width}x{height}); the reference refuses it"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class QwenVL(Strategy):
+    """Qwen2-VL family: one resized image, cut into patch rows grouped by merge window."""
+
+    min_pixels: int = param(3136, "Lower pixel budget for smart_resize (size.shortest_edge).", minimum=1)
+    max_pixels: int = param(12845056, "Upper pixel budget for smart_resize (size.longest_edge).", minimum=1)
+    patch_size: int = param(14, "Vision transformer patch side.", tunable=False)
+    merge_size: int = param(2, "Spatial merge: merge_size^2 patches become one LLM token.", tunable=False)
+    temporal_patch_size: int = param(2, "A still image is repeated this many times in time.", tunable=False)
+    mean: tuple[float, ...] = param(CLIP_MEAN, "OpenAI CLIP mean.", tunable=False)
+    std: tuple[float, ...] = param(CLIP_STD, "OpenAI CLIP std.", tunable=False)
+
+    metadata_fields: ClassVar = types.MappingProxyType({"image_grid_thw": "list<int>"})
+
+    def validate(self) -> None:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"{self.name}: min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})"
+            )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def plan(self, width: int, height: int) -> Plan:
+        check_size(width, height)
+        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        grid_h, grid_w = h // self.patch_size, w // self.patch_size
+        row = 3 * self.temporal_patch_size * self.patch_size**2
+        return Plan(
+            strategy=self.name,
+            orig_width=width,
+            orig_height=height,
+            resized_width=w,
+            resized_height=h,
+            grid=(1, 1),
+            tile_boxes=((0, 0, w, h),),
+            thumbnail=False,
+            num_tiles=1,
+            num_tokens=grid_h * grid_w // self.merge_size**2,
+            shape=(grid_h * grid_w, row),
+            extra=(("image_grid_thw", (1, grid_h, grid_w)),),
+        )
+
+    def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
+        resized = np.asarray(
+            image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
+        )
+        # (H, W, C) -> (bh, mh, py, bw, mw, px, C) -> (bh, bw, mh, mw, C, py, px), then repeat over time.
+        blocks = resized.reshape(grid_h // m, m, p, grid_w // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        out = np.empty((grid_h // m, grid_w // m, m, m, 3, t, p, p), dtype=np.uint8)
+        out[...] = blocks[:, :, :, :, :, None]
+        return out.reshape(plan.shape)
+
+    def channel_view(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(pixels.shape[0], 3, -1)
