@@ -32,10 +32,7 @@ def encode_pixels(strategy: Strategy, pixels: np.ndarray, dtype: str) -> np.ndar
     """uint8 pixels from `render` -> the array to store."""
     if dtype == "uint8":
         return pixels
-    normalized = strategy.normalize(pixels)
-    if dtype == "float32":
-        return normalized
-    return normalized.astype(numpy_dtype(dtype))
+    return strategy.normalize(pixels, numpy_dtype(dtype))
 
 
 def decode_pixels(strategy: Strategy, stored: np.ndarray, dtype: str) -> np.ndarray:

@@ -122,7 +122,8 @@ class RunSummary:
     def line(self) -> str:
         return (
             f"vlmtile: {self.records:,} images, {self.failures:,} failures, {self.tokens:,} tokens, "
-            f"{self.bytes / 1e6:,.1f} MB in {self.shards} shards -> {self.output} ({self.seconds:.1f} s)"
+            f"{self.bytes / 1e6:,.1f} MB in {self.shards} shard{'s' if self.shards != 1 else ''} -> "
+            f"{self.output} ({self.seconds:.1f} s)"
         )
 
 

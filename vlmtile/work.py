@@ -52,11 +52,12 @@ def process_input(item: InputItem, strategy: Strategy, dtype: str) -> Record | F
         return Failure(item.key, item.source, "decode", str(e))
     try:
         rgb = strategy.prepare(image)
+    except (ValueError, OSError) as e:  # an exotic mode Pillow cannot convert, or a damaged EXIF block
+        return Failure(item.key, item.source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
+    try:
         plan = strategy.plan(*rgb.size)
     except ValueError as e:
         return Failure(item.key, item.source, "plan", f"refused by {strategy.name}: {e}")
-    except OSError as e:  # EXIF or mode conversion of a damaged file
-        return Failure(item.key, item.source, "decode", f"corrupt image data: {e}")
     try:
         pixels = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
     except (MemoryError, ValueError, OSError) as e:

@@ -212,14 +212,18 @@ class Strategy:
             image = ImageOps.exif_transpose(image)
         return to_rgb(image, self.alpha)
 
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 pixels (as `render` returns them) -> float32 normalized, bit-exact with the reference."""
-        table = _table(self.mean, self.std)
-        out = np.empty(pixels.shape, dtype=np.float32)
+    def normalize(self, pixels: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """uint8 pixels (as `render` returns them) -> normalized `dtype`, bit-exact with the reference.
+
+        For float16 / bfloat16 the table itself is cast, so one gather gives exactly
+        `normalize(pixels).astype(dtype)` without the float32 intermediate.
+        """
+        table = _table(self.mean, self.std, np.dtype(dtype))
+        out = np.empty(pixels.shape, dtype=table.dtype)
         src = self.channel_view(pixels)
         dst = self.channel_view(out)
         for c in range(3):
-            dst[:, c] = table[c][src[:, c]]
+            np.take(table[c], src[:, c], out=dst[:, c])
         return out
 
     def process(self, image: Image.Image) -> Result:
@@ -229,14 +233,14 @@ class Strategy:
         return Result(pixel_values=self.normalize(self.render(rgb, plan)), plan=plan)
 
 
-_TABLES: dict[tuple[tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+_TABLES: dict[tuple[tuple[float, ...], tuple[float, ...], np.dtype[Any]], np.ndarray] = {}
 
 
-def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    key = (mean, std)
+def _table(mean: tuple[float, ...], std: tuple[float, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    key = (mean, std, dtype)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = normalization_table(mean, std)
+        table = _TABLES[key] = normalization_table(mean, std).astype(dtype)
     return table
 
 
