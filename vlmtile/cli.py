@@ -16,7 +16,7 @@ import click
 
 from .dtypes import STORAGE_DTYPES
 from .errors import VlmtileError
-from .runner import DEFAULT_SHARD_SIZE, ERRORS, RunConfig, preprocess
+from .runner import DEFAULT_SHARD_SIZE, ERRORS, RunConfig, available_cpus, preprocess
 from .sinks import SINKS
 from .strategies import get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
@@ -126,7 +126,7 @@ def preprocess_cmd(
         strategy=strategy,
         format=fmt,
         dtype=dtype,
-        workers=workers or os.cpu_count() or 1,
+        workers=workers or available_cpus(),
         shard_size=shard_size,
         overwrite=overwrite,
         progress=not quiet,
@@ -135,12 +135,15 @@ def preprocess_cmd(
         summary = preprocess(config)
     except VlmtileError as e:
         raise click.ClickException(str(e)) from None
-    if summary.failures:
-        click.echo(summary.line(), err=True)
-        click.echo(f"vlmtile: {summary.failures} inputs failed; see {os.path.join(output, ERRORS)}", err=True)
-        sys.exit(EXIT_FAILURES)
     if not quiet:
         click.echo(summary.line())
+    if summary.failures:
+        # Loud even with --quiet: cron mails stderr, and exit status 3 means "finished, with failures".
+        if quiet:
+            click.echo(summary.line(), err=True)
+        where = os.path.join(output, ERRORS)
+        click.echo(f"vlmtile: {summary.failures:,} inputs failed; see {where}", err=True)
+        sys.exit(EXIT_FAILURES)
 
 
 preprocess_cmd.name = "preprocess"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .decode import IMAGE_SUFFIXES, looks_like_image
 from .errors import VlmtileError
 
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_KEY_UNSAFE = re.compile(r"[^\w-]+")
 
 
 @dataclass(frozen=True, order=True)
@@ -49,12 +49,39 @@ def _wanted(path: str) -> bool:
 
 
 def make_key(relpath: str) -> str:
-    """A WebDataset-safe key from a relative path: no dots, no slashes, nothing a shell would mangle.
+    """A WebDataset-safe key from a relative path: letters, digits, '_' and '-' only (no dots, no slashes).
 
-    The suffix is kept in the key ("a/b.jpg" -> "a_b_jpg") so "b.jpg" and "b.png" do not collide.
+    The suffix is kept in the key ("a/b.jpg" -> "a_b_jpg") so "b.jpg" and "b.png" do not collide. Letters
+    include non-ASCII ones ("猫.jpg" -> "猫_jpg"); undecodable bytes in a file name become "_".
     """
-    key = _KEY_UNSAFE.sub("_", relpath.replace(os.sep, "/")).strip("_")
+    key = _KEY_UNSAFE.sub("_", display_path(relpath).replace("\\", "_")).strip("_")
     return key or "image"
+
+
+def display_path(path: str) -> str:
+    """A path as valid UTF-8 text for metadata and error records.
+
+    File names that are not valid UTF-8 reach Python with surrogate escapes, which neither JSON nor
+    Parquet strings can hold; such bytes are shown as `\\xNN` escapes. The real path is kept for reading.
+    """
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _unique_keys(entries: list[tuple[str, str]]) -> list[str]:
+    """Keys for (source, relpath) entries, disambiguating collisions with a hash of the source path.
+
+    The hash grows until no key collides, including with another file's natural key.
+    """
+    keys = [make_key(rel) for _, rel in entries]
+    for digits in (8, 16, 40):
+        counts = Counter(keys)
+        colliding = [i for i, key in enumerate(keys) if counts[key] > 1]
+        if not colliding:
+            return keys
+        for i in colliding:
+            digest = hashlib.sha1(entries[i][0].encode("utf-8", "surrogateescape")).hexdigest()
+            keys[i] = f"{make_key(entries[i][1])}-{digest[:digits]}"
+    raise VlmtileError("could not make unique record keys (the same source listed twice?)")
 
 
 def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[InputItem]:
@@ -63,23 +90,21 @@ def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[InputItem]:
     Keys that collide after sanitizing get a short hash of their source appended, so that every record
     key is unique and stays the same from run to run.
     """
-    found: dict[str, tuple[str, str]] = {}  # realpath -> (source, relpath)
+    found: dict[str, tuple[str, str]] = {}  # realpath -> smallest (source, relpath) reaching it
     for raw in paths:
         path = os.fspath(raw)
         if os.path.isdir(path):
-            for source, rel in _walk(path):
-                if _wanted(source):
-                    found.setdefault(os.path.realpath(source), (source, rel))
+            candidates: Iterable[tuple[str, str]] = (
+                (source, rel) for source, rel in _walk(path) if _wanted(source)
+            )
         elif os.path.exists(path):
-            found.setdefault(os.path.realpath(path), (path, os.path.basename(path)))
+            candidates = [(path, os.path.basename(path))]
         else:
-            raise VlmtileError(f"input not found: {path}")
+            raise VlmtileError(f"input not found: {display_path(path)}")
+        for entry in candidates:
+            real = os.path.realpath(entry[0])
+            # The same file reached twice (argument and folder, symlink): keep one, independent of order.
+            found[real] = min(found.get(real, entry), entry)
     entries = sorted(found.values())
-    keys = [make_key(rel) for _, rel in entries]
-    counts = Counter(keys)
-    items = []
-    for (source, _), key in zip(entries, keys, strict=True):
-        if counts[key] > 1:
-            key = f"{key}-{hashlib.sha1(source.encode()).hexdigest()[:8]}"
-        items.append(InputItem(source=source, key=key))
-    return items
+    keys = _unique_keys(entries)
+    return [InputItem(source=source, key=key) for (source, _), key in zip(entries, keys, strict=True)]

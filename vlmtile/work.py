@@ -14,7 +14,7 @@ import numpy as np
 from .decode import load_image
 from .dtypes import encode_pixels
 from .errors import ImageError
-from .sources import InputItem
+from .sources import InputItem, display_path
 from .strategies import Strategy
 
 
@@ -46,27 +46,28 @@ class Failure:
 
 def process_input(item: InputItem, strategy: Strategy, dtype: str) -> Record | Failure:
     """Everything that happens to one input image."""
+    source = display_path(item.source)
     try:
         image = load_image(item.source)
     except ImageError as e:
-        return Failure(item.key, item.source, "decode", str(e))
+        return Failure(item.key, source, "decode", str(e))
     try:
         rgb = strategy.prepare(image)
     except (ValueError, OSError) as e:  # an exotic mode Pillow cannot convert, or a damaged EXIF block
-        return Failure(item.key, item.source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
+        return Failure(item.key, source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
     try:
         plan = strategy.plan(*rgb.size)
     except ValueError as e:
-        return Failure(item.key, item.source, "plan", f"refused by {strategy.name}: {e}")
+        return Failure(item.key, source, "plan", f"refused by {strategy.name}: {e}")
     try:
         pixels = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
     except (MemoryError, ValueError, OSError) as e:
-        return Failure(item.key, item.source, "render", f"{type(e).__name__}: {e}")
+        return Failure(item.key, source, "render", f"{type(e).__name__}: {e}")
     metadata: dict[str, Any] = {
         "key": item.key,
-        "source": item.source,
+        "source": source,
         "shape": list(pixels.shape),
         "dtype": dtype,
         **plan.metadata(),
     }
-    return Record(item.key, item.source, pixels, metadata)
+    return Record(item.key, source, pixels, metadata)

@@ -1,0 +1,286 @@
+"""Shard files in detail: Parquet schema and row groups, tar layout, bfloat16, and failed writes.
+
+These tests call the library (`vlmtile.preprocess(RunConfig(...))`) with one worker, so that monkeypatched
+module state (row group size, a failing `write`) applies to the code that writes the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from e2e_helpers import (
+    MakeImage,
+    leftover_temp_files,
+    read_errors,
+    read_manifest,
+    read_parquet_raw,
+    reference,
+    save_image,
+    sha256,
+    shard_paths,
+)
+
+import vlmtile
+from vlmtile import sinks
+from vlmtile.runner import RunConfig
+
+INTERNVL_1 = vlmtile.get_strategy("internvl", max_tiles=1)  # one 448x448 tile per image: 602,112 uint8 bytes
+TILE_BYTES = 3 * 448 * 448
+
+
+def make_folder(root: Path, make_image: MakeImage, count: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = root / f"img{i:02d}.png"
+        save_image(make_image(20 + 7 * i, 16 + 5 * i, "RGB", i), path, "PNG")
+        paths.append(path)
+    return paths
+
+
+def config(inputs: Path | list[Path], out: Path, **kwargs: Any) -> RunConfig:
+    paths = inputs if isinstance(inputs, list) else [inputs]
+    defaults: dict[str, Any] = {"strategy": INTERNVL_1, "workers": 1, "progress": False}
+    return RunConfig(inputs=tuple(map(str, paths)), output=str(out), **{**defaults, **kwargs})
+
+
+def member_bytes(tar: tarfile.TarFile, name: str) -> bytes:
+    f = tar.extractfile(name)
+    assert f is not None, name
+    return f.read()
+
+
+def member_npy(tar: tarfile.TarFile, name: str) -> np.ndarray:
+    array: np.ndarray = np.load(io.BytesIO(member_bytes(tar, name)), allow_pickle=False)
+    return array
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, make_image: MakeImage) -> Path:
+    root = tmp_path_factory.mktemp("sinks")
+    make_folder(root, make_image, 6)
+    return root
+
+
+# -- Parquet ------------------------------------------------------------------------------------------
+
+
+def test_parquet_schema_and_file_metadata(folder: Path, tmp_path: Path) -> None:
+    qwen = vlmtile.get_strategy("qwen2-vl", max_pixels=200_000)
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out, strategy=qwen, dtype="bfloat16", shard_size=4))
+    for path in shard_paths(out):
+        schema = pq.read_schema(path)
+        assert schema.field("pixel_values").type == pa.large_binary()
+        assert schema.field("shape").type == pa.list_(pa.int64())
+        assert schema.field("grid").type == pa.list_(pa.int64())
+        assert schema.field("image_grid_thw").type == pa.list_(pa.int64())
+        assert schema.field("thumbnail").type == pa.bool_()
+        for name in (
+            "orig_width",
+            "orig_height",
+            "resized_width",
+            "resized_height",
+            "num_tiles",
+            "num_tokens",
+        ):
+            assert schema.field(name).type == pa.int64(), name
+        for name in ("key", "source", "dtype"):
+            assert schema.field(name).type == pa.string(), name
+        meta = json.loads(schema.metadata[b"vlmtile"])
+        assert meta["strategy"] == {"name": "qwen2-vl", "params": qwen.params()}
+        assert meta["strategy"]["params"]["max_pixels"] == 200_000
+        assert meta["vlmtile_version"] == vlmtile.__version__
+        assert (meta["format"], meta["dtype"], meta["shard_size"]) == ("parquet", "bfloat16", 4)
+
+    # bfloat16 with pyarrow + ml_dtypes alone, against process() cast the ml_dtypes way.
+    for row in read_parquet_raw(shard_paths(out)):
+        assert row["pixel_values"].dtype == ml_dtypes.bfloat16
+        want = reference(qwen, row["source"]).pixel_values.astype(ml_dtypes.bfloat16)
+        assert np.array_equal(row["pixel_values"].view(np.uint16), want.view(np.uint16))
+
+
+def test_parquet_row_groups_are_bounded(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unbounded = tmp_path / "one-group"
+    vlmtile.preprocess(config(folder, unbounded, dtype="uint8"))
+    assert pq.ParquetFile(shard_paths(unbounded)[0]).metadata.num_row_groups == 1
+
+    # Two uint8 tiles per group: 6 images -> groups of 2, 2, 2.
+    monkeypatch.setattr(sinks, "ROW_GROUP_BYTES", 2 * TILE_BYTES)
+    bounded = tmp_path / "bounded"
+    vlmtile.preprocess(config(folder, bounded, dtype="uint8"))
+    (path,) = shard_paths(bounded)
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 3
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [2, 2, 2]
+    # Same records either way, in the same order.
+    assert pq.read_table(path).equals(pq.read_table(shard_paths(unbounded)[0]))
+
+    monkeypatch.setattr(sinks, "ROW_GROUP_BYTES", 1)  # every row its own group
+    single = tmp_path / "single"
+    vlmtile.preprocess(config(folder, single, dtype="uint8", shard_size=4))
+    assert [pq.ParquetFile(p).metadata.num_row_groups for p in shard_paths(single)] == [4, 2]
+    assert [r["key"] for r in vlmtile.open_dataset(single)] == [f"img{i:02d}_png" for i in range(6)]
+
+
+def test_parquet_directory_readable_by_pyarrow_discovery(folder: Path, tmp_path: Path) -> None:
+    """formats.md: `_manifest.json`, `_errors.jsonl` and `_shards/` are invisible to dataset discovery."""
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out, shard_size=4))
+    table = ds.dataset(str(out), format="parquet").to_table()
+    assert table.num_rows == 6
+    assert sorted(table.column("key").to_pylist()) == [f"img{i:02d}_png" for i in range(6)]
+    assert pq.ParquetDataset(str(out)).read().num_rows == 6
+
+
+# -- tar ----------------------------------------------------------------------------------------------
+
+
+def test_tar_layout(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out, format="webdataset", dtype="float32", shard_size=4))
+    keys = []
+    for path in shard_paths(out):
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            shard_keys = [m.name.split(".")[0] for m in members[::2]]
+            assert [m.name for m in members] == [f"{k}.{ext}" for k in shard_keys for ext in ("npy", "json")]
+            for member in members:
+                assert member.isfile()
+                assert member.mtime == 0
+                assert member.mode == 0o644
+                assert (member.uid, member.gid, member.uname, member.gname) == (0, 0, "", "")
+                assert member.name.count(".") == 1  # keys have no dots
+            for key in shard_keys:
+                meta = json.loads(member_bytes(tar, f"{key}.json"))
+                assert meta["key"] == key
+                pixels = member_npy(tar, f"{key}.npy")
+                assert np.array_equal(pixels, reference(INTERNVL_1, meta["source"]).pixel_values)
+        assert shard_keys == sorted(shard_keys)
+        keys += shard_keys
+    assert keys == [f"img{i:02d}_png" for i in range(6)]
+
+
+def test_tar_bfloat16_round_trip(folder: Path, tmp_path: Path) -> None:
+    qwen = vlmtile.get_strategy("qwen2.5-vl")
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out, strategy=qwen, format="webdataset", dtype="bfloat16"))
+    (path,) = shard_paths(out)
+    stored = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.name.endswith(".npy"):
+                stored[member.name[:-4]] = member_npy(tar, member.name)
+            else:
+                assert json.loads(member_bytes(tar, member.name))["dtype"] == "bfloat16"
+    assert len(stored) == 6
+    for record, as_stored in zip(
+        vlmtile.open_dataset(out), vlmtile.open_dataset(out, as_stored=True), strict=True
+    ):
+        bits = stored[record["key"]]
+        assert bits.dtype == np.uint16
+        want = reference(qwen, record["source"]).pixel_values.astype(ml_dtypes.bfloat16)
+        assert np.array_equal(bits, want.view(np.uint16))
+        assert as_stored["pixel_values"].dtype == ml_dtypes.bfloat16
+        assert np.array_equal(as_stored["pixel_values"].view(np.uint16), bits)
+        assert record["pixel_values"].dtype == np.float32
+        assert np.array_equal(record["pixel_values"], want.astype(np.float32))  # exact bf16 -> f32
+
+
+def test_tar_members_follow_source_order_when_paths_and_keys_sort_differently(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    root = tmp_path / "in"
+    for i, rel in enumerate(["a-b.png", "a.png", "a/b.png"]):
+        save_image(make_image(16, 16, "RGB", i), root / rel, "PNG")
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(root, out, format="webdataset", dtype="uint8"))
+    with tarfile.open(shard_paths(out)[0]) as tar:
+        keys = [m.name.split(".")[0] for m in tar.getmembers()[::2]]
+    # Records follow sorted source paths (docs/formats.md), not sorted keys.
+    assert keys == ["a-b_png", "a_png", "a_b_png"]
+
+
+# -- failed writes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_disk_full_mid_shard_loses_only_that_shard(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    sink_cls = sinks.SINKS[fmt]
+    real_write = sink_cls.write
+    failing_shard = f"shard-00001{sink_cls.suffix}"
+    calls: list[str] = []
+
+    def write(self: sinks.ShardSink, record: Any) -> None:
+        calls.append(os.path.basename(self.path))
+        if os.path.basename(self.path) == failing_shard and self.records == 1:
+            # The temporary file exists and holds one record when the disk fills up.
+            assert os.path.exists(self.tmp_path)
+            raise OSError(28, "No space left on device")
+        real_write(self, record)
+
+    monkeypatch.setattr(sink_cls, "write", write)
+    out = tmp_path / "out"
+    summary = vlmtile.preprocess(config(folder, out, format=fmt, dtype="uint8", shard_size=2))
+
+    assert calls.count(failing_shard) == 2  # the failure happened on the shard's second record
+    assert (summary.inputs, summary.records, summary.failures, summary.shards) == (6, 4, 2, 2)
+    assert not (out / failing_shard).exists()
+    assert leftover_temp_files(out) == []
+    assert not (out / "_shards" / "shard-00001.json").exists()
+
+    errors = read_errors(out)
+    assert [e["source"] for e in errors] == [str(folder / "img02.png"), str(folder / "img03.png")]
+    for error in errors:
+        assert error["stage"] == "write"
+        assert "No space left on device" in error["reason"]
+        assert failing_shard in error["reason"]
+
+    manifest = read_manifest(out)
+    assert [s["name"] for s in manifest["shards"]] == [
+        f"shard-00000{sink_cls.suffix}",
+        f"shard-00002{sink_cls.suffix}",
+    ]
+    for shard in manifest["shards"]:
+        assert shard["sha256"] == sha256(out / shard["name"])
+    assert manifest["totals"]["records"] + manifest["totals"]["failures"] == manifest["totals"]["inputs"] == 6
+    assert [r["key"] for r in vlmtile.open_dataset(out)] == [
+        "img00_png",
+        "img01_png",
+        "img04_png",
+        "img05_png",
+    ]
+
+
+def test_failure_in_commit_leaves_no_file(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the last record (e.g. fsync on a full disk) is handled like one during writing."""
+    real_fsync = sinks._fsync
+
+    def fsync(path: str) -> None:
+        if os.path.basename(path).startswith(".shard-00000"):
+            raise OSError(5, "Input/output error")
+        real_fsync(path)
+
+    monkeypatch.setattr(sinks, "_fsync", fsync)
+    out = tmp_path / "out"
+    summary = vlmtile.preprocess(config(folder, out, format="webdataset", shard_size=3))
+    assert (summary.records, summary.failures) == (3, 3)
+    assert sorted(os.listdir(out)) == ["_errors.jsonl", "_manifest.json", "_shards", "shard-00001.tar"]
+    assert leftover_temp_files(out) == []
+    assert {e["stage"] for e in read_errors(out)} == {"write"}
