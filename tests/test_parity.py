@@ -9,6 +9,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from functools import cache
 from pathlib import Path
@@ -532,3 +533,63 @@ def test_exif_transpose_is_noop_without_orientation(make_image):
     b = get_strategy("internvl", exif_transpose=True).process(image)
     assert a.plan == b.plan
     assert_identical(a.pixel_values, b.pixel_values, "exif no-op")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen3-VL: the same processor class, configured as the Qwen3-VL checkpoints' preprocessor_config.json
+# (patch 16, so factor 32; min/max pixels 65536 / 16777216; mean = std = 0.5)
+
+
+@functools.lru_cache(maxsize=1)
+def qwen3_processor() -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(
+        patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=65536, max_pixels=16777216
+    )
+
+
+def check_qwen3_vs_transformers(image: Image.Image) -> None:
+    ref = qwen3_processor()(image, return_tensors="np")
+    (grid_thw,) = ref["image_grid_thw"].tolist()
+    result = get_strategy("qwen3-vl").process(image)
+    assert_identical(result.pixel_values, ref["pixel_values"], "qwen3-vl")
+    assert result.pixel_values.shape[1] == 1536
+    assert result.plan.metadata()["image_grid_thw"] == grid_thw
+    assert result.plan.num_tokens == grid_thw[1] * grid_thw[2] // 4
+
+
+QWEN3_CASES = [c for c in CASES if c.values[2] in ("RGB", "RGBA", "L") or c.values[0] * c.values[1] < 2000]
+
+
+@pytest.mark.parametrize(("width", "height", "mode", "seed"), QWEN3_CASES)
+def test_qwen3_matches_transformers(make_image, width, height, mode, seed):
+    check_qwen3_vs_transformers(make_image(width, height, mode, seed))
+
+
+def test_sample_qwen3_matches_transformers(sample_path):
+    check_qwen3_vs_transformers(_open(sample_path))
+
+
+QWEN3_EXAMPLES = [
+    # width, height, resized (h, w), tokens: the Qwen3-VL column of the reference notes
+    (1920, 1080, (1088, 1920), 2040),
+    (1080, 1920, (1920, 1088), 2040),
+    (640, 480, (480, 640), 300),
+    (800, 600, (608, 800), 475),
+    (100, 100, (256, 256), 64),
+    (28, 28, (256, 256), 64),
+    (10, 1000, (2560, 32), 80),
+    (4000, 3000, (3008, 4000), 11750),
+    (8000, 6000, (3520, 4704), 16170),
+    (333, 777, (768, 320), 240),
+]
+
+
+@pytest.mark.parametrize(("width", "height", "resized", "tokens"), QWEN3_EXAMPLES)
+def test_qwen3_worked_examples(width, height, resized, tokens):
+    plan = get_strategy("qwen3-vl").plan(width, height)
+    h, w = resized
+    assert (plan.resized_height, plan.resized_width) == resized
+    assert plan.num_tokens == tokens
+    assert plan.shape == ((h // 16) * (w // 16), 1536)
+    assert hf_smart_resize(height, width, 32, 65536, 16777216) == resized
+    assert qwen3_processor().get_number_of_image_patches(height, width) // 4 == tokens

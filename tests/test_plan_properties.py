@@ -259,11 +259,25 @@ def test_qwen_aspect_ratio_limit(name, size):
         )
 
 
-@pytest.mark.parametrize("name", QWEN_NAMES)
+QWEN_PRESET_CONSTANTS = {
+    # name: (patch, merge, temporal, min_pixels, max_pixels, mean), from the checkpoints' preprocessor configs
+    "qwen2-vl": (14, 2, 2, 3136, 12845056, (0.48145466, 0.4578275, 0.40821073)),
+    "qwen2.5-vl": (14, 2, 2, 3136, 12845056, (0.48145466, 0.4578275, 0.40821073)),
+    "qwen3-vl": (16, 2, 2, 65536, 16777216, (0.5, 0.5, 0.5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_PRESET_CONSTANTS))
 def test_qwen_preset_constants(name):
     strategy = get_strategy(name)
-    assert (strategy.patch_size, strategy.merge_size, strategy.temporal_patch_size) == (14, 2, 2)
-    assert (strategy.min_pixels, strategy.max_pixels) == (3136, 12845056)
+    assert (
+        strategy.patch_size,
+        strategy.merge_size,
+        strategy.temporal_patch_size,
+        strategy.min_pixels,
+        strategy.max_pixels,
+        strategy.mean,
+    ) == QWEN_PRESET_CONSTANTS[name]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +318,7 @@ def test_canonical_names_resolve(name):
     assert get_strategy(name).name == name
 
 
-@pytest.mark.parametrize("name", ["nope", "", "qwen", "internvl4", "qwen3-vl"])
+@pytest.mark.parametrize("name", ["nope", "", "qwen", "internvl4", "qwen4-vl"])
 def test_unknown_strategy_lists_valid_names(name):
     with pytest.raises(ValueError, match="unknown strategy") as info:
         get_strategy(name)

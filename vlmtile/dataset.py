@@ -69,7 +69,7 @@ class Dataset:
             yield from (self._parquet(path) if self.format == "parquet" else self._tar(path))
 
     def _parquet(self, path: str) -> Iterator[dict[str, Any]]:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=16):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4):
             for row in batch.to_pylist():
                 stored = np.frombuffer(row["pixel_values"], numpy_dtype(row["dtype"])).reshape(row["shape"])
                 row["pixel_values"] = self._pixels(stored)

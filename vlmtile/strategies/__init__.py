@@ -1,18 +1,16 @@
 """The strategy registry: preset name -> (strategy class, preset params). Presets are data.
 
-Every strategy module is imported explicitly below and registers its presets here; a duplicate name or
-alias is an error at import time, never a silent overwrite.
+Every strategy module is imported explicitly below and lists its presets in `PRESETS`; a duplicate name
+or alias is an error at import time, never a silent overwrite.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-from .base import Plan, Result, Strategy, tunable_fields
-from .internvl import InternVL
-from .qwen import QwenVL
+from . import internvl, qwen
+from .base import Plan, Preset, Result, Strategy, tunable_fields
 
 __all__ = [
     "Plan",
@@ -24,17 +22,6 @@ __all__ = [
     "list_strategies",
     "register_preset",
 ]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model configuration: which strategy class, with which fixed and default params."""
-
-    name: str
-    cls: type[Strategy]
-    params: dict[str, Any]
-    description: str
-    aliases: tuple[str, ...] = ()
 
 
 _PRESETS: dict[str, Preset] = {}
@@ -92,29 +79,6 @@ def get_strategy(name: str, **params: Any) -> Strategy:
     return preset.cls(**{**preset.params, **params, "name": preset.name})
 
 
-register_preset(
-    Preset(
-        "internvl",
-        InternVL,
-        {},
-        "InternVL 1.5/2/2.5/3: closest-aspect grid of 448-px tiles (max 12) + thumbnail, 256 tokens/tile.",
-        aliases=("internvl2", "internvl2.5", "internvl3"),
-    )
-)
-register_preset(
-    Preset(
-        "qwen2-vl",
-        QwenVL,
-        {"min_pixels": 3136, "max_pixels": 12845056},
-        "Qwen2-VL: smart_resize to multiples of 28 in [min_pixels, max_pixels], 14-px patches, 2x2 merge.",
-    )
-)
-register_preset(
-    Preset(
-        "qwen2.5-vl",
-        QwenVL,
-        {"min_pixels": 3136, "max_pixels": 12845056},
-        "Qwen2.5-VL: same image preprocessing as Qwen2-VL (its checkpoints ship the same config).",
-        aliases=("qwen25-vl",),
-    )
-)
+for _module in (internvl, qwen):
+    for _preset in _module.PRESETS:
+        register_preset(_preset)

@@ -27,6 +27,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 ALPHA_MODES = ("white", "drop")
 
@@ -242,6 +244,20 @@ def _table(mean: tuple[float, ...], std: tuple[float, ...], dtype: np.dtype[Any]
     if table is None:
         table = _TABLES[key] = normalization_table(mean, std).astype(dtype)
     return table
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model configuration: which strategy class, with which fixed and default params.
+
+    Each strategy module lists its presets in a module-level `PRESETS`; the registry collects them.
+    """
+
+    name: str
+    cls: type[Strategy]
+    params: dict[str, Any]
+    description: str
+    aliases: tuple[str, ...] = ()
 
 
 def tunable_fields(cls: type[Strategy]) -> list[dataclasses.Field[Any]]:

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, Plan, Strategy, check_size, param
+from .base import IMAGENET_MEAN, IMAGENET_STD, Plan, Preset, Strategy, check_size, param
 
 
 @lru_cache(maxsize=64)
@@ -114,3 +114,14 @@ class InternVL(Strategy):
             thumb = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
+
+
+PRESETS = [
+    Preset(
+        "internvl",
+        InternVL,
+        {},
+        "InternVL 1.5/2/2.5/3: closest-aspect grid of 448-px tiles (max 12) + thumbnail, 256 tokens/tile.",
+        aliases=("internvl2", "internvl2.5", "internvl3"),
+    ),
+]

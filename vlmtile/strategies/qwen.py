@@ -1,7 +1,10 @@
-"""Qwen2-VL / Qwen2.5-VL native resolution: `smart_resize` to multiples of 28, then flattened patches.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL native resolution: `smart_resize` to multiples of patch*merge, then
+flattened patches.
 
-Parity target: transformers' `Qwen2VLImageProcessorPil` with the public checkpoints' preprocessor config
-(min_pixels 3136, max_pixels 12845056). The output layout is the processor's `pixel_values` for one image:
+Parity target: transformers' `Qwen2VLImageProcessorPil` with the public checkpoints' preprocessor configs
+(Qwen2/2.5-VL: patch 14, min_pixels 3136, max_pixels 12845056, CLIP mean/std; Qwen3-VL: patch 16,
+min_pixels 65536, max_pixels 16777216, mean/std 0.5; Qwen3-VL checkpoints use the same processor class).
+The output layout is the processor's `pixel_values` for one image:
 (grid_h*grid_w, 3*temporal*patch*patch) rows, each run of merge*merge rows one merge window, the still
 image repeated along the temporal axis; `image_grid_thw` = (1, grid_h, grid_w).
 """
@@ -16,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import CLIP_MEAN, CLIP_STD, Plan, Strategy, check_size, param
+from .base import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Plan, Preset, Strategy, check_size, param
 
 MAX_ASPECT_RATIO = 200
 
@@ -103,3 +106,32 @@ class QwenVL(Strategy):
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
         return pixels.reshape(pixels.shape[0], 3, -1)
+
+
+PRESETS = [
+    Preset(
+        "qwen2-vl",
+        QwenVL,
+        {"min_pixels": 3136, "max_pixels": 12845056},
+        "Qwen2-VL: smart_resize to multiples of 28 in [min_pixels, max_pixels], 14-px patches, 2x2 merge.",
+    ),
+    Preset(
+        "qwen2.5-vl",
+        QwenVL,
+        {"min_pixels": 3136, "max_pixels": 12845056},
+        "Qwen2.5-VL: same image preprocessing as Qwen2-VL (its checkpoints ship the same config).",
+        aliases=("qwen25-vl",),
+    ),
+    Preset(
+        "qwen3-vl",
+        QwenVL,
+        {
+            "min_pixels": 65536,
+            "max_pixels": 16777216,
+            "patch_size": 16,
+            "mean": SIGLIP_MEAN,
+            "std": SIGLIP_STD,
+        },
+        "Qwen3-VL: smart_resize to multiples of 32 in [65536, 16777216] pixels, 16-px patches, mean/std 0.5.",
+    ),
+]
