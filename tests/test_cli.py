@@ -433,9 +433,9 @@ def test_no_images_found(tmp_path: Path, make_image: MakeImage) -> None:
 
 
 def test_unknown_strategy_lists_valid_ones(tree: Path, tmp_path: Path) -> None:
-    result = run(*preprocess_args(tree, tmp_path / "out", "-s", "llava-next"))
+    result = run(*preprocess_args(tree, tmp_path / "out", "-s", "llava-nope"))
     assert result.exit_code == 2
-    assert "llava-next" in result.stderr
+    assert "llava-nope" in result.stderr
     for name in vlmtile.list_strategies():
         assert name in result.stderr
     assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from . import internvl, qwen
+from . import deepseek, internvl, llava, qwen, xcomposer
 from .base import Plan, Preset, Result, Strategy, tunable_fields
 
 __all__ = [
@@ -79,6 +79,6 @@ def get_strategy(name: str, **params: Any) -> Strategy:
     return preset.cls(**{**preset.params, **params, "name": preset.name})
 
 
-for _module in (internvl, qwen):
+for _module in (internvl, qwen, llava, deepseek, xcomposer):
     for _preset in _module.PRESETS:
         register_preset(_preset)

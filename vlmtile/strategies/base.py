@@ -74,6 +74,8 @@ class Plan:
     """Shape of `pixel_values` in the model's own layout."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Strategy-specific metadata the model needs (e.g. Qwen's `image_grid_thw`), as JSON-able pairs."""
+    content_box: Box | None = None
+    """Where the image lies inside the resized canvas when the rest is padding; None: the whole canvas."""
 
     def metadata(self) -> dict[str, Any]:
         """Per-image metadata as stored with every record (JSON-able, lists instead of tuples)."""
@@ -198,6 +200,13 @@ class Strategy:
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
         """A view of a `plan.shape` array with the colour channel on axis 1 (for normalization)."""
         return pixels
+
+    def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
+        """Undo the layout for people: (label, HxWx3 uint8) images, the resized canvas first.
+
+        `inspect` draws these, so a picture shows the pixels the model gets, not a re-creation of them.
+        """
+        raise NotImplementedError
 
     # -- shared behaviour -------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

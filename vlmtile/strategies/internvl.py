@@ -115,6 +115,15 @@ class InternVL(Strategy):
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
 
+    def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
+        t = self.tile_size
+        cols, rows = plan.grid
+        tiles = pixels[: cols * rows].reshape(rows, cols, 3, t, t).transpose(0, 3, 1, 4, 2)
+        views = [("tiles, row-major", tiles.reshape(rows * t, cols * t, 3))]
+        if plan.thumbnail:
+            views.append(("thumbnail (last)", pixels[cols * rows].transpose(1, 2, 0)))
+        return views
+
 
 PRESETS = [
     Preset(

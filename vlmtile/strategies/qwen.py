@@ -107,6 +107,13 @@ class QwenVL(Strategy):
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
         return pixels.reshape(pixels.shape[0], 3, -1)
 
+    def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
+        blocks = pixels.reshape(grid_h // m, grid_w // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
+        image = blocks.transpose(0, 2, 5, 1, 3, 6, 4).reshape(grid_h * p, grid_w * p, 3)
+        return [(f"{p}-px patches, {m}x{m} merge windows", image)]
+
 
 PRESETS = [
     Preset(
