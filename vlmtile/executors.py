@@ -120,7 +120,11 @@ def run_tasks(
                 process = ctx.Process(  # type: ignore[attr-defined]
                     target=_child, args=(fn, index, tasks[index], messages), daemon=True
                 )
-                process.start()
+                try:
+                    process.start()
+                except OSError as e:  # fork / forkserver failure (out of memory, process limit)
+                    yield Outcome(tasks[index], None, WorkerDied(f"worker process could not start: {e}"))
+                    continue
                 running[index] = process
             receive(timeout=0.1)
             for index, process in list(running.items()):

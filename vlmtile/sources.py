@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .decode import IMAGE_SUFFIXES, looks_like_image
@@ -31,14 +31,35 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _walk(root: str) -> Iterable[tuple[str, str]]:
-    """(path, path relative to root) of every non-hidden file under root, recursively."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for name in sorted(filenames):
-            if not _is_hidden(name):
-                path = os.path.join(dirpath, name)
-                yield path, os.path.relpath(path, root)
+def _walk(root: str) -> Iterator[tuple[str, str, str]]:
+    """(path, path relative to root, real path) of every non-hidden file under root, recursively.
+
+    Directory symlinks are followed (once: a link back up the tree is not a loop), and the real path is
+    resolved once per directory rather than once per file, which keeps listing a million files cheap.
+    Anything that is not a directory is yielded, so a broken link or a FIFO becomes an error record later
+    instead of disappearing.
+    """
+    pending = [(root, "", os.path.realpath(root))]
+    visited: set[str] = set()
+    while pending:
+        directory, rel_dir, real_dir = pending.pop()
+        if real_dir in visited:
+            continue
+        visited.add(real_dir)
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as e:
+            raise VlmtileError(f"cannot list {display_path(directory)}: {e.strerror or e}") from None
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            rel = rel_dir + entry.name
+            is_link = entry.is_symlink()
+            real = os.path.realpath(entry.path) if is_link else os.path.join(real_dir, entry.name)
+            if entry.is_dir():
+                pending.append((entry.path, rel + os.sep, real))
+            else:
+                yield entry.path, rel, real
 
 
 def _wanted(path: str) -> bool:
@@ -94,16 +115,14 @@ def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[InputItem]:
     for raw in paths:
         path = os.fspath(raw)
         if os.path.isdir(path):
-            candidates: Iterable[tuple[str, str]] = (
-                (source, rel) for source, rel in _walk(path) if _wanted(source)
-            )
-        elif os.path.exists(path):
-            candidates = [(path, os.path.basename(path))]
+            candidates: Iterable[tuple[str, str, str]] = (entry for entry in _walk(path) if _wanted(entry[0]))
+        elif os.path.lexists(path):
+            candidates = [(path, os.path.basename(path), os.path.realpath(path))]
         else:
             raise VlmtileError(f"input not found: {display_path(path)}")
-        for entry in candidates:
-            real = os.path.realpath(entry[0])
+        for source, rel, real in candidates:
             # The same file reached twice (argument and folder, symlink): keep one, independent of order.
+            entry = (source, rel)
             found[real] = min(found.get(real, entry), entry)
     entries = sorted(found.values())
     keys = _unique_keys(entries)
