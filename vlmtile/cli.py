@@ -7,19 +7,32 @@ parameter definitions, so a new strategy parameter is a CLI option without touch
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
+from tqdm import tqdm
 
+from .decode import load_image
 from .dtypes import STORAGE_DTYPES
-from .errors import VlmtileError
+from .errors import ImageError, VlmtileError
 from .runner import DEFAULT_SHARD_SIZE, ERRORS, RunConfig, available_cpus, preprocess
 from .sinks import SINKS
-from .strategies import get_preset, get_strategy, list_strategies
+from .stats import (
+    Column,
+    compute_stats,
+    format_table,
+    is_output_dir,
+    plot_histograms,
+    stats_from_output,
+    write_lengths,
+)
+from .strategies import describe, get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
+from .visualize import inspect_image
 
 EXIT_FAILURES = 3
 """Exit status when the run finished but some inputs are in the error record."""
@@ -147,6 +160,169 @@ def preprocess_cmd(
 
 
 preprocess_cmd.name = "preprocess"
+
+
+def _convert(value: str, f: dataclasses.Field[Any]) -> Any:
+    if f.type in (bool, "bool"):
+        lowered = value.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise click.UsageError(f"{f.name} takes true or false, got {value!r}")
+        return lowered in ("true", "1", "yes", "on")
+    if f.type in (int, "int"):
+        try:
+            return int(value)
+        except ValueError:
+            raise click.UsageError(f"{f.name} takes an integer, got {value!r}") from None
+    return value.strip()
+
+
+def parse_column(spec: str, options: dict[str, Any]) -> Column:
+    """`NAME` or `NAME:key=value,key=value` plus the generated options that apply -> a report column."""
+    name, _, rest = spec.partition(":")
+    try:
+        preset = get_preset(name.strip())
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    fields = {f.name: f for f in tunable_fields(preset.cls)}
+    params = {k: v for k, v in options.items() if k in fields and v is not None}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise click.UsageError(
+                f"bad strategy parameter {pair!r} in {spec!r}; {preset.name} takes key=value with key "
+                f"one of: {', '.join(sorted(fields))}"
+            )
+        params[key] = _convert(value, fields[key])
+    try:
+        strategy = get_strategy(preset.name, **params)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return Column(describe(strategy), strategy)
+
+
+@cli.command("stats", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "-s",
+    "--strategy",
+    "specs",
+    multiple=True,
+    help="NAME or NAME:key=value,... (repeat to compare side by side), e.g. internvl:max_tiles=6.",
+)
+@click.option("--budget", type=click.IntRange(min=0), help="Also count images above this many tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema: docs/stats.md).")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write token histograms to this PNG (needs matplotlib)."
+)
+@click.option(
+    "--emit-lengths",
+    type=click.Path(dir_okay=False),
+    help="Write one JSON line per image: source, key, width, height, num_tokens per strategy.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Processes [default: usable cores]."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@strategy_options
+def stats_cmd(
+    inputs: tuple[str, ...],
+    specs: tuple[str, ...],
+    budget: int | None,
+    as_json: bool,
+    plot: str | None,
+    emit_lengths: str | None,
+    workers: int | None,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Visual-token statistics per strategy from image headers only (no decoding), or from a finished
+    `preprocess` output directory's metadata.
+
+    \b
+    Examples:
+      vlmtile stats sample_data/ -s internvl:max_tiles=6 -s internvl -s qwen2.5-vl:max_pixels=1003520
+      vlmtile stats out/ --json
+    """
+    outputs = [p for p in inputs if os.path.isdir(p) and is_output_dir(p)]
+    try:
+        if outputs:
+            if len(inputs) != 1 or specs:
+                raise click.UsageError(
+                    "an output directory is reported alone and with its own strategy: "
+                    "give just `vlmtile stats OUT_DIR`"
+                )
+            result = stats_from_output(outputs[0], budget=budget, emit_lengths=bool(emit_lengths))
+        else:
+            if not specs:
+                raise click.UsageError("give at least one --strategy (see `vlmtile strategies`)")
+            columns = [parse_column(spec, options) for spec in specs]
+            labels = [c.label for c in columns]
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise click.UsageError(
+                    f"--strategy values {', '.join(repeated)} repeat one configuration; give each once"
+                )
+            unused = [
+                k
+                for k, v in options.items()
+                if v is not None and not any(k in c.strategy.params() for c in columns)
+            ]
+            if unused:
+                raise click.UsageError(
+                    f"--{unused[0].replace('_', '-')} applies to none of the chosen strategies"
+                )
+            show = not quiet and not as_json and sys.stderr.isatty()
+            with tqdm(unit="img", disable=not show, leave=False, dynamic_ncols=True) as bar:
+                result = compute_stats(
+                    inputs,
+                    columns,
+                    budget=budget,
+                    workers=workers or available_cpus(),
+                    emit_lengths=bool(emit_lengths),
+                    on_progress=lambda images, tokens: bar.update(images),
+                )
+        if emit_lengths:
+            write_lengths(emit_lengths, result.lengths)
+        if plot:
+            plot_histograms(plot, result)
+    except VlmtileError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(format_table(result))
+
+
+@cli.command("inspect", context_settings=CONTEXT)
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("-s", "--strategy", "strategy_name", required=True, help="Strategy (see `vlmtile strategies`).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="PNG to write [default: inspect-IMAGE-STRATEGY.png in the current directory].",
+)
+@strategy_options
+def inspect_cmd(image: str, strategy_name: str, output: str | None, **options: Any) -> None:
+    """Draw what a strategy does to IMAGE: canvas, tile grid and indices, padding, thumbnail, tokens.
+
+    \b
+    Example:
+      vlmtile inspect sample_data/coffee_600x400.jpg -s internvl --max-tiles 6 -o coffee.png
+    """
+    strategy = build_strategy(strategy_name, options)
+    try:
+        picture = inspect_image(load_image(image), strategy)
+    except ImageError as e:
+        raise click.ClickException(f"{image}: {e}") from None
+    except ValueError as e:
+        raise click.ClickException(f"{image}: refused by {strategy.name}: {e}") from None
+    if output is None:
+        stem = os.path.splitext(os.path.basename(image))[0]
+        output = f"inspect-{stem}-{strategy.name}.png"
+    picture.save(output)
+    click.echo(f"{output}: {picture.width}x{picture.height}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -17,6 +17,7 @@ __all__ = [
     "Preset",
     "Result",
     "Strategy",
+    "describe",
     "get_preset",
     "get_strategy",
     "list_strategies",
@@ -77,6 +78,20 @@ def get_strategy(name: str, **params: Any) -> Strategy:
             f"valid parameters: {', '.join(sorted(tunable))}"
         )
     return preset.cls(**{**preset.params, **params, "name": preset.name})
+
+
+def describe(strategy: Strategy) -> str:
+    """`name`, or `name[key=value,...]` listing the tunable parameters that differ from the preset.
+
+    One label per configuration, used by `stats` columns, `--emit-lengths` keys and `inspect` captions.
+    """
+    preset = get_preset(strategy.name)
+    defaults = get_strategy(preset.name).params()
+    params = strategy.params()
+    changed = [
+        f"{f.name}={params[f.name]}" for f in tunable_fields(preset.cls) if params[f.name] != defaults[f.name]
+    ]
+    return f"{preset.name}[{','.join(changed)}]" if changed else preset.name
 
 
 for _module in (internvl, qwen, llava, deepseek, xcomposer):
