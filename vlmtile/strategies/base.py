@@ -274,6 +274,28 @@ def tunable_fields(cls: type[Strategy]) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("tunable", False)]
 
 
+def grid_boxes(cols: int, rows: int, tile: int) -> tuple[Box, ...]:
+    """Boxes of a cols x rows grid of square tiles, row-major: the order every tiling reference crops in."""
+    return tuple(
+        (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile) for r in range(rows) for c in range(cols)
+    )
+
+
+def cut_tiles(canvas: np.ndarray, cols: int, rows: int, out: np.ndarray) -> None:
+    """Write the row-major tiles of an (rows*t, cols*t, 3) canvas into `out`, (cols*rows, 3, t, t).
+
+    One copy, straight into the output array: the crops and the HWC -> CHW transpose in a single pass.
+    """
+    t = out.shape[-1]
+    out.reshape(rows, cols, 3, t, t)[...] = canvas.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3)
+
+
+def join_tiles(tiles: np.ndarray, cols: int, rows: int) -> np.ndarray:
+    """The inverse of `cut_tiles`, for `views`: (cols*rows, 3, t, t) -> the (rows*t, cols*t, 3) canvas."""
+    t = tiles.shape[-1]
+    return tiles.reshape(rows, cols, 3, t, t).transpose(0, 3, 1, 4, 2).reshape(rows * t, cols * t, 3)
+
+
 def check_size(width: int, height: int) -> None:
     """Reject sizes no reference can process (zero or negative sides) with a clear message."""
     if isinstance(width, bool) or isinstance(height, bool) or width < 1 or height < 1:

@@ -23,7 +23,19 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import SIGLIP_MEAN, SIGLIP_STD, Box, Plan, Preset, Strategy, check_size, param
+from .base import (
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    Box,
+    Plan,
+    Preset,
+    Strategy,
+    check_size,
+    cut_tiles,
+    grid_boxes,
+    join_tiles,
+    param,
+)
 
 CANDIDATE_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (384, 384),
@@ -146,7 +158,7 @@ class DeepSeekVL2(Strategy):
         else:
             canvas_w, canvas_h = t, t
         cols, rows = canvas_w // t, canvas_h // t
-        boxes = tuple((x, y, x + t, y + t) for y in range(0, canvas_h, t) for x in range(0, canvas_w, t))
+        boxes = grid_boxes(cols, rows, t)
         content = pad_box(width, height, canvas_w, canvas_h)
         return Plan(
             strategy=self.name,
@@ -185,16 +197,13 @@ class DeepSeekVL2(Strategy):
             local = global_view  # the reference pads the same image to the same size twice
         else:
             local = self._pad(image, plan.resized_width, plan.resized_height, plan.content_box)
-        # (rows*t, cols*t, 3) -> (rows, cols, 3, t, t): the row-major crops, channel-first, in one copy.
-        out[1:] = local.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3).reshape(cols * rows, 3, t, t)
+        cut_tiles(local, cols, rows, out[1:])
         return out
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
-        t = self.tile_size
         cols, rows = plan.grid
-        tiles = pixels[1:].reshape(rows, cols, 3, t, t).transpose(0, 3, 1, 4, 2)
         return [
-            ("local canvas, row-major tiles (after the global view)", tiles.reshape(rows * t, cols * t, 3)),
+            ("local canvas, row-major tiles (after the global view)", join_tiles(pixels[1:], cols, rows)),
             ("global view (first)", pixels[0].transpose(1, 2, 0)),
         ]
 

@@ -15,7 +15,18 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, Plan, Preset, Strategy, check_size, param
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Plan,
+    Preset,
+    Strategy,
+    check_size,
+    cut_tiles,
+    grid_boxes,
+    join_tiles,
+    param,
+)
 
 
 @lru_cache(maxsize=64)
@@ -79,10 +90,7 @@ class InternVL(Strategy):
         check_size(width, height)
         t = self.tile_size
         cols, rows = closest_grid(width, height, t, self.min_tiles, self.max_tiles)
-        boxes = tuple(
-            ((k % cols) * t, (k // cols) * t, (k % cols + 1) * t, (k // cols + 1) * t)
-            for k in range(cols * rows)
-        )
+        boxes = grid_boxes(cols, rows, t)
         thumbnail = self.thumbnail and cols * rows != 1
         num_tiles = cols * rows + int(thumbnail)
         return Plan(
@@ -106,20 +114,15 @@ class InternVL(Strategy):
         resized = np.asarray(
             image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
         )
-        # (rows*t, cols*t, 3) -> (rows, cols, 3, t, t): the row-major crops, channel-first, in one copy.
-        out[: cols * rows] = (
-            resized.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3).reshape(cols * rows, 3, t, t)
-        )
+        cut_tiles(resized, cols, rows, out[: cols * rows])
         if plan.thumbnail:
             thumb = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
-        t = self.tile_size
         cols, rows = plan.grid
-        tiles = pixels[: cols * rows].reshape(rows, cols, 3, t, t).transpose(0, 3, 1, 4, 2)
-        views = [("tiles, row-major", tiles.reshape(rows * t, cols * t, 3))]
+        views = [("tiles, row-major", join_tiles(pixels[: cols * rows], cols, rows))]
         if plan.thumbnail:
             views.append(("thumbnail (last)", pixels[cols * rows].transpose(1, 2, 0)))
         return views

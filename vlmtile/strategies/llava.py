@@ -35,7 +35,20 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Plan, Preset, Strategy, check_size, param
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    Plan,
+    Preset,
+    Strategy,
+    check_size,
+    cut_tiles,
+    grid_boxes,
+    join_tiles,
+    param,
+)
 
 PINPOINT_ORDERS = ("hw", "wh")
 
@@ -177,10 +190,7 @@ class LlavaNext(Strategy):
         grid_h, grid_w = feature_grid(
             width, height, cols, rows, side, self.max_num_patches, truncate=self.pinpoint_order == "wh"
         )
-        boxes = tuple(
-            ((k % cols) * t, (k // cols) * t, (k % cols + 1) * t, (k // cols + 1) * t)
-            for k in range(cols * rows)
-        )
+        boxes = grid_boxes(cols, rows, t)
         num_tiles = 1 + cols * rows
         content = (left, top, left + new_w, top + new_h)
         return Plan(
@@ -214,16 +224,13 @@ class LlavaNext(Strategy):
         canvas[top:bottom, left:right] = np.asarray(
             image.resize((right - left, bottom - top), Image.Resampling.BICUBIC)
         )
-        # (rows*t, cols*t, 3) -> (rows, cols, 3, t, t): the row-major crops, channel-first, in one copy.
-        out[1:] = canvas.reshape(rows, t, cols, t, 3).transpose(0, 2, 4, 1, 3).reshape(cols * rows, 3, t, t)
+        cut_tiles(canvas, cols, rows, out[1:])
         return out
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
-        t = self.tile_size
         cols, rows = plan.grid
-        tiles = pixels[1:].reshape(rows, cols, 3, t, t).transpose(0, 3, 1, 4, 2)
         return [
-            ("padded canvas, tiles row-major", tiles.reshape(rows * t, cols * t, 3)),
+            ("padded canvas, tiles row-major", join_tiles(pixels[1:], cols, rows)),
             ("base image (first view)", pixels[0].transpose(1, 2, 0)),
         ]
 

@@ -38,7 +38,18 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import ALPHA_MODES, CLIP_MEAN, CLIP_STD, Box, Plan, Preset, Strategy, check_size, param
+from .base import (
+    ALPHA_MODES,
+    CLIP_MEAN,
+    CLIP_STD,
+    Box,
+    Plan,
+    Preset,
+    Strategy,
+    check_size,
+    grid_boxes,
+    param,
+)
 
 PAD_VALUE = 255
 """torchvision `pad(..., fill=[255, 255, 255])` on the uint8 PIL image: opaque white."""
@@ -146,7 +157,7 @@ class XComposerHD(Strategy):
             canvas_w, canvas_h = g.new_w, g.target
             content = (0, g.top, g.new_w, g.top + g.new_h)
         cols, rows = canvas_w // u, canvas_h // u
-        boxes = tuple((c * u, r * u, (c + 1) * u, (r + 1) * u) for r in range(rows) for c in range(cols))
+        boxes = grid_boxes(cols, rows, u)
         return Plan(
             strategy=self.name,
             orig_width=width,
