@@ -9,7 +9,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from functools import cache
 from pathlib import Path
@@ -28,7 +27,9 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from vlmtile import get_strategy
 from vlmtile.strategies.base import (
@@ -540,7 +541,7 @@ def test_exif_transpose_is_noop_without_orientation(make_image):
 # (patch 16, so factor 32; min/max pixels 65536 / 16777216; mean = std = 0.5)
 
 
-@functools.lru_cache(maxsize=1)
+@cache
 def qwen3_processor() -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(
         patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_pixels=65536, max_pixels=16777216
@@ -593,3 +594,46 @@ def test_qwen3_worked_examples(width, height, resized, tokens):
     assert plan.shape == ((h // 16) * (w // 16), 1536)
     assert hf_smart_resize(height, width, 32, 65536, 16777216) == resized
     assert qwen3_processor().get_number_of_image_patches(height, width) // 4 == tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token counts against the transformers processors' own formulas (`_get_num_multimodal_tokens`), built
+# without a tokenizer (the formulas only need the image processor and the checkpoints' constants)
+
+
+@cache
+def internvl_token_processor(max_tiles: int) -> InternVLProcessor:
+    processor = InternVLProcessor.__new__(InternVLProcessor)
+    processor.image_processor = got_processor(max_tiles)
+    processor.image_seq_length = 256  # the InternVL3 -hf processor_config.json
+    return processor
+
+
+@cache
+def qwen_token_processor(name: str) -> Qwen2VLProcessor:
+    processor = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    processor.image_processor = (
+        qwen3_processor() if name == "qwen3-vl" else qwen_processor(QWEN_CHECKPOINT_MAX)
+    )
+    return processor
+
+
+@settings(max_examples=300, deadline=None)
+@given(width=st.integers(1, 12000), height=st.integers(1, 12000), max_tiles=st.sampled_from([1, 6, 12, 24]))
+def test_internvl_tokens_match_processor_formula(width, height, max_tiles):
+    plan = get_strategy("internvl", max_tiles=max_tiles).plan(width, height)
+    data = internvl_token_processor(max_tiles)._get_num_multimodal_tokens(image_sizes=[[height, width]])
+    assert data.num_image_patches == [plan.num_tiles]
+    assert data.num_image_tokens == [plan.num_tokens + 2]  # + <img> and </img>, which vlmtile leaves out
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@settings(max_examples=150, deadline=None)
+@given(width=st.integers(1, 12000), height=st.integers(1, 12000))
+def test_qwen_tokens_match_processor_formula(name, width, height):
+    if max(width, height) / min(width, height) > 200:
+        return  # refused by both (tested above)
+    plan = get_strategy(name).plan(width, height)
+    data = qwen_token_processor(name)._get_num_multimodal_tokens(image_sizes=[[height, width]])
+    assert data.num_image_tokens == [plan.num_tokens]
+    assert data.num_image_patches == [plan.shape[0]]
