@@ -114,7 +114,7 @@ def check_geometry_vs_transformers(name: str, width: int, height: int) -> None:
     shape_only = np.broadcast_to(np.uint8(0), (3, height, width))
     new_h, new_w = get_patch_output_size(shape_only, (best_h, best_w), ChannelDimension.FIRST)
     (top, _), (left, _) = image_processor(name)._get_padding_size((new_h, new_w), (best_h, best_w))
-    assert dict(plan.extra)["content_box"] == (left, top, left + new_w, top + new_h)
+    assert plan.image_box == (left, top, left + new_w, top + new_h)
     assert plan.num_tokens == hf_tokens(name, width, height)
 
 
@@ -499,8 +499,8 @@ def test_base_image_first_and_black_padding(make_image):
     strategy = get_strategy("llava-next")
     plan = strategy.plan(3000, 500)
     assert plan.grid == (3, 1) and (plan.resized_width, plan.resized_height) == (1008, 336)
-    assert dict(plan.extra)["content_box"] == (0, 84, 1008, 252)  # 3000x500 -> 1008x168, centred
-    _, top, _, bottom = dict(plan.extra)["content_box"]
+    assert plan.image_box == (0, 84, 1008, 252)  # 3000x500 -> 1008x168, centred
+    _, top, _, bottom = plan.image_box
     pixels = strategy.render(image, plan)
     assert np.array_equal(
         pixels[0], np.asarray(image.resize((336, 336), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
@@ -532,12 +532,12 @@ def test_views_undo_the_layout(make_image):
     pixels = strategy.render(image, plan)
     (_, canvas), (_, base) = strategy.views(pixels, plan)
     assert canvas.shape == (plan.resized_height, plan.resized_width, 3)
-    left, top, right, bottom = dict(plan.extra)["content_box"]
+    left, top, right, bottom = plan.image_box
     resized = image.resize((right - left, bottom - top), Image.Resampling.BICUBIC)
     assert np.array_equal(canvas[top:bottom, left:right], np.asarray(resized))
     assert not canvas[:top].any() and not canvas[bottom:].any()
     assert np.array_equal(base, np.asarray(image.resize((384, 384), Image.Resampling.BICUBIC)))
-    assert set(LlavaNext.metadata_fields) == {"image_sizes", "content_box", "feature_grid"}
+    assert set(LlavaNext.metadata_fields) == {"image_sizes", "feature_grid"}  # content_box: a base field
 
 
 @pytest.mark.parametrize("name", NAMES)

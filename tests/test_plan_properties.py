@@ -38,6 +38,10 @@ BASE_METADATA = {
     "thumbnail",
     "num_tiles",
     "num_tokens",
+    # Grounding fields, the same for every strategy (docs/grounding.md).
+    "content_box",
+    "transposed",
+    "tile_boxes",
 }
 
 sides = st.integers(1, 20000)

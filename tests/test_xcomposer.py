@@ -229,7 +229,7 @@ def test_padding_is_white_before_normalisation(name, hd_num, width, height, box)
     strategy = get_strategy(name, hd_num=hd_num)
     image = cached_image(width, height, "RGB", 5)
     plan = strategy.plan(width, height)
-    assert dict(plan.extra)["content_box"] == box
+    assert plan.image_box == box
     assert plan.content_box == box
     pixels = strategy.render(image, plan)
     left, top, right, bottom = box
@@ -307,7 +307,7 @@ def test_worked_example_1920x1080_hd16_padding():
     assert (g.scale, g.new_w, g.new_h, g.top, g.target) == (5, 1680, 945, 31, 1008)
     assert g.target - g.new_h - g.top == 32
     plan = get_strategy("xcomposer2-4khd", hd_num=16).plan(1920, 1080)
-    assert dict(plan.extra)["content_box"] == (0, 31, 1680, 976)
+    assert plan.image_box == (0, 31, 1680, 976)
 
 
 @pytest.mark.parametrize(("name", "size", "tokens"), [("xcomposer2-vl", 490, 1225), ("xcomposer2", 224, 256)])
@@ -364,7 +364,7 @@ def test_geometry_matches_reference_on_a_size_sweep(name):
             assert (plan.resized_width, plan.resized_height) == canvas, (width, height, hd_num)
             top = int((tar - new_h) / 2) if center else 0
             box = (top, 0, top + new_h, new_w) if width < height else (0, top, new_w, top + new_h)
-            assert dict(plan.extra)["content_box"] == box
+            assert plan.image_box == box
 
 
 @pytest.mark.parametrize(

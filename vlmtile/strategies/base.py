@@ -32,6 +32,17 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 ALPHA_MODES = ("white", "drop")
 
+BUDGETS = types.MappingProxyType(
+    {"max_tiles": "--max-tiles-per-sample", "max_tokens": "--max-tokens-per-sample"}
+)
+"""Per-sample budgets `Strategy.for_sample` understands, and the CLI option that sets each."""
+
+GROUNDING_FIELDS = types.MappingProxyType(
+    {"content_box": "list<int>", "transposed": "bool", "tile_boxes": "list<list<int>>"}
+)
+"""Metadata every strategy's `Plan.metadata()` carries (beside the base geometry) so that boxes and points
+in original pixels can be mapped onto the stored canvas and its tiles (`vlmtile.grounding`)."""
+
 
 def param(
     default: Any,
@@ -76,9 +87,25 @@ class Plan:
     """Strategy-specific metadata the model needs (e.g. Qwen's `image_grid_thw`), as JSON-able pairs."""
     content_box: Box | None = None
     """Where the image lies inside the resized canvas when the rest is padding; None: the whole canvas."""
+    transposed: bool = False
+    """True when the reference resized the *transposed* image and transposed the result back (XComposer HD,
+    portrait images). The canvas is in the original orientation either way, so coordinates map without a
+    swap; the flag records that the resampling (and the padding side) followed the transposed frame."""
+
+    @property
+    def image_box(self) -> Box:
+        """The image's box on the canvas: `content_box`, or the whole canvas when nothing is padding."""
+        if self.content_box is None:
+            return (0, 0, self.resized_width, self.resized_height)
+        return self.content_box
 
     def metadata(self) -> dict[str, Any]:
-        """Per-image metadata as stored with every record (JSON-able, lists instead of tuples)."""
+        """Per-image metadata as stored with every record (JSON-able, lists instead of tuples).
+
+        The grounding fields (`GROUNDING_FIELDS`) are the same for every strategy, so one function
+        (`vlmtile.grounding.map_box`) maps annotations whatever the model: `content_box` is always a box
+        (the whole canvas when there is no padding), `tile_boxes` the row-major tiles over that canvas.
+        """
         meta: dict[str, Any] = {
             "orig_width": self.orig_width,
             "orig_height": self.orig_height,
@@ -88,6 +115,9 @@ class Plan:
             "thumbnail": self.thumbnail,
             "num_tiles": self.num_tiles,
             "num_tokens": self.num_tokens,
+            "content_box": list(self.image_box),
+            "transposed": self.transposed,
+            "tile_boxes": [list(box) for box in self.tile_boxes],
         }
         for key, value in self.extra:
             meta[key] = list(value) if isinstance(value, tuple) else value
@@ -164,8 +194,13 @@ class Strategy:
     metadata_fields: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
     """Strategy-specific metadata keys and their type ("int", "list<int>", "bool", "str")."""
 
+    multi_image_rule: ClassVar[str] = "none: each image is processed as if it were alone"
+    """What the reference trainer changes by itself for a sample with several images (`for_sample`)."""
+    budget_rules: ClassVar[Mapping[str, str]] = types.MappingProxyType({})
+    """Per-sample budgets (`BUDGETS` keys) this strategy can honour, and the limit each one lowers."""
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             expected = typing.get_origin(hints[f.name]) or hints[f.name]
@@ -208,7 +243,57 @@ class Strategy:
         """
         raise NotImplementedError
 
+    def sample_rule(self, num_images: int) -> Strategy:
+        """The reference's own change for a sample of `num_images` (> 1) images; self when it has none."""
+        return self
+
+    def limit_tiles(self, per_image: int) -> Strategy:
+        """Lower the tile limit for a share of `per_image` tiles (only for strategies listing "max_tiles"
+        in `budget_rules`)."""
+        raise NotImplementedError
+
+    def limit_tokens(self, per_image: int) -> Strategy:
+        """Lower the resolution limit so that no image exceeds `per_image` tokens (only for strategies
+        listing "max_tokens" in `budget_rules`)."""
+        raise NotImplementedError
+
     # -- shared behaviour -------------------------------------------------------------------------
+    def for_sample(
+        self, num_images: int, *, max_tiles: int | None = None, max_tokens: int | None = None
+    ) -> Strategy:
+        """The strategy to apply to *each* image of a sample with `num_images` images.
+
+        Reference trainers do not always treat an image of a multi-image sample like a lone image
+        (DeepSeek-VL2 stops tiling at 3 images, XComposer-2.5 drops to hd_num 6, LLaVA-OneVision pads each
+        image to one square view): `sample_rule` applies that, so a multi-image sample gets the pixels and
+        token counts the model saw in training. The optional budgets then split a per-sample limit evenly
+        (`budget // num_images` per image) and only ever *lower* the strategy's own limits. A budget this
+        strategy has no limit for raises ValueError up front instead of being silently ignored.
+
+        Returns self when nothing changes, otherwise a `dataclasses.replace` of it.
+        """
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"{self.name}: num_images must be a positive integer, got {num_images!r}")
+        budgets = {"max_tiles": max_tiles, "max_tokens": max_tokens}
+        for key, value in budgets.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            if key not in self.budget_rules:
+                supported = ", ".join(f"{k} ({BUDGETS[k]})" for k in self.budget_rules) or "none"
+                raise ValueError(
+                    f"{self.name or type(self).__name__} cannot honour a per-sample {key} budget "
+                    f"({BUDGETS[key]}): it has no limit of that kind to lower. "
+                    f"Budgets it supports: {supported}"
+                )
+        strategy = self.sample_rule(num_images) if num_images > 1 else self
+        if max_tiles is not None:
+            strategy = strategy.limit_tiles(max_tiles // num_images)
+        if max_tokens is not None:
+            strategy = strategy.limit_tokens(max_tokens // num_images)
+        return strategy
+
     def params(self) -> dict[str, Any]:
         """Every resolved field, tunable or not: what the manifest records and the config hash covers."""
         out: dict[str, Any] = {}
@@ -242,6 +327,18 @@ class Strategy:
         rgb = self.prepare(image)
         plan = self.plan(*rgb.size)
         return Result(pixel_values=self.normalize(self.render(rgb, plan)), plan=plan)
+
+
+_HINTS: dict[type[Strategy], dict[str, Any]] = {}
+
+
+def _type_hints(cls: type[Strategy]) -> dict[str, Any]:
+    """`typing.get_type_hints`, once per class: `for_sample` builds strategies per sample, and resolving
+    the string annotations each time (~150 us) would cost more than planning the sample's images."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 _TABLES: dict[tuple[tuple[float, ...], tuple[float, ...], np.dtype[Any]], np.ndarray] = {}

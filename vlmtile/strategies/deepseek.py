@@ -15,6 +15,7 @@ with `convert("RGB")` (`utils/io.py`), run with the Pillow major version vlmtile
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ class DeepSeekVL2(Strategy):
     tiling: bool = param(
         True,
         "Tile over the candidate resolutions (the reference's cropping=True, which it uses when the sample "
-        "has at most 2 images). Samples with 3 or more images must turn it off (tiling=False, --no-tiling): "
-        "each image is then a 384x384 global view plus one identical local view, 421 tokens.",
+        "has at most 2 images; for_sample turns it off for samples with 3 or more). tiling=False "
+        "(--no-tiling) forces it off: each image is then a 384x384 global view plus one identical local "
+        "view, 421 tokens.",
     )
     tile_size: int = param(384, "Tile and global-view side (SigLIP so400m input size).", tunable=False)
     patch_size: int = param(14, "SigLIP patch side (processor patch_size).", tunable=False)
@@ -133,6 +135,13 @@ class DeepSeekVL2(Strategy):
     std: tuple[float, ...] = param(SIGLIP_STD, "Std 0.5.", tunable=False)
 
     metadata_fields: ClassVar = types.MappingProxyType({"images_spatial_crop": "list<int>"})
+
+    max_tiled_images: ClassVar[int] = 2
+    """`cropping = len(images) <= 2` in the reference processor (`DeepseekVLV2Processor.__call__`)."""
+    multi_image_rule: ClassVar[str] = (
+        "tiling off (the processor's cropping = len(images) <= 2) when the sample has 3 or more images: "
+        "each image is a 384x384 global view plus one identical local view, 421 tokens"
+    )
 
     @property
     def pad_color(self) -> tuple[int, ...]:
@@ -149,6 +158,11 @@ class DeepSeekVL2(Strategy):
         with a newline each (211 + 14*rows*(14*cols + 1) for the preset)."""
         n = self.tokens_per_side
         return n * (n + 1) + 1 + (rows * n) * (cols * n + 1)
+
+    def sample_rule(self, num_images: int) -> DeepSeekVL2:
+        if num_images > self.max_tiled_images and self.tiling:
+            return dataclasses.replace(self, tiling=False)
+        return self
 
     def plan(self, width: int, height: int) -> Plan:
         check_size(width, height)
@@ -214,6 +228,7 @@ PRESETS = [
         DeepSeekVL2,
         {"alpha": "drop"},
         "DeepSeek-VL2: grey-padded 384-px tiles over 23 candidate canvases (max 9 tiles) "
-        "+ padded global view first; 211 + 14*rows*(14*cols + 1) tokens; use tiling=False for 3+ images.",
+        "+ padded global view first; 211 + 14*rows*(14*cols + 1) tokens; untiled (421) in samples of 3+ "
+        "images.",
     ),
 ]

@@ -9,8 +9,11 @@ InternVL3 `-hf` checkpoints configure it (size 448, ImageNet mean/std, crop_to_p
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -80,11 +83,45 @@ class InternVL(Strategy):
     mean: tuple[float, ...] = param(IMAGENET_MEAN, "ImageNet mean.", tunable=False)
     std: tuple[float, ...] = param(IMAGENET_STD, "ImageNet std.", tunable=False)
 
+    multi_image_rule: ClassVar[str] = (
+        "none automatic. InternVL's own finetune script (multi_modal_multi_image_get_item) gives each of n "
+        "images max(1, max_dynamic_patch // n) tiles, while transformers' processor and ms-swift keep "
+        "max_tiles per image; reproduce the finetune script with a max_tiles budget equal to max_tiles"
+    )
+    budget_rules: ClassVar = types.MappingProxyType(
+        {
+            "max_tiles": "max_tiles = max(min_tiles, budget // n), never above max_tiles (the finetune "
+            "script's max_dynamic_patch // num_image; the thumbnail is not counted)",
+            "max_tokens": "max_tiles = the largest k whose worst case, (k + 1 thumbnail if k > 1) * 256 "
+            "tokens, fits budget // n",
+        }
+    )
+
     def validate(self) -> None:
         if self.min_tiles > self.max_tiles:
             raise ValueError(
                 f"{self.name}: min_tiles ({self.min_tiles}) must not exceed max_tiles ({self.max_tiles})"
             )
+
+    def worst_tokens(self, max_tiles: int) -> int:
+        """The most tokens one image can take with `max_tiles`: an image of aspect k:1 gets the k x 1 grid,
+        plus the thumbnail whenever there is more than one tile."""
+        return (max_tiles + int(self.thumbnail and max_tiles > 1)) * self.tokens_per_tile
+
+    def limit_tiles(self, per_image: int) -> InternVL:
+        limit = max(self.min_tiles, per_image)
+        return self if limit >= self.max_tiles else dataclasses.replace(self, max_tiles=limit)
+
+    def limit_tokens(self, per_image: int) -> InternVL:
+        limit = self.max_tiles
+        while limit >= self.min_tiles and self.worst_tokens(limit) > per_image:
+            limit -= 1
+        if limit < self.min_tiles:
+            raise ValueError(
+                f"{self.name}: a token budget of {per_image} per image is below the smallest worst case "
+                f"(min_tiles={self.min_tiles}: {self.worst_tokens(self.min_tiles)} tokens)"
+            )
+        return self if limit == self.max_tiles else dataclasses.replace(self, max_tiles=limit)
 
     def plan(self, width: int, height: int) -> Plan:
         check_size(width, height)

@@ -19,6 +19,10 @@ The reference pads the resized uint8 image with 0 before rescale/normalize, so b
 value 0 and the shared exact normalization table applies unchanged. The per-crop resize / centre crop the
 processors apply afterwards are no-ops on crops that already have the tile size.
 
+In a sample with several images, llava-onevision does not tile (`anyres=False`, set by `for_sample`): each
+image is padded to a square with the mean colour and resized to one 384x384 view, as transformers'
+`LlavaOnevisionImageProcessor` does for `batch_num_images != 1` and LLaVA-NeXT's train.py ("pad").
+
 `pinpoint_order="wh"` switches to the original repositories (haotian-liu/LLaVA for v1.6, LLaVA-VL/LLaVA-NeXT
 for OneVision): the same numeric pinpoint list read as (width, height) instead of transformers'
 (height, width), and `int()` truncation instead of `int(round(x, 7))` in the unpad step of the token count.
@@ -26,6 +30,7 @@ for OneVision): the same numeric pinpoint list read as (width, height) instead o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ from .base import (
     CLIP_STD,
     SIGLIP_MEAN,
     SIGLIP_STD,
+    Box,
     Plan,
     Preset,
     Strategy,
@@ -120,6 +126,25 @@ def feature_grid(
     return cur_h, cur_w
 
 
+def square_pad_box(width: int, height: int, side: int) -> Box:
+    """Where the image lies after transformers' `pad_to_square` and the resize of that square to side x side.
+
+    The short side is centred with a floor offset, `(long - short) // 2`, as both `pad_to_square` and the
+    original `expand2square` do; the whole square is then scaled by side / long, so the edges are rounded
+    to the nearest pixel (half to even) here: at most half a pixel off the exact, fractional position.
+    """
+    long = max(width, height)
+    left = (long - width) // 2
+    top = (long - height) // 2
+    scale = side / long
+    return (
+        round(left * scale),
+        round(top * scale),
+        round((left + width) * scale),
+        round((top + height) * scale),
+    )
+
+
 @lru_cache(maxsize=32)
 def _pairs(flat: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple((flat[k], flat[k + 1]) for k in range(0, len(flat), 2))
@@ -153,12 +178,41 @@ class LlavaNext(Strategy):
         "1.1x (OneVision: 9); 0 = never.",
         tunable=False,
     )
+    anyres: bool = param(
+        True,
+        "Tile with anyres. False: pad the image to a square with the mean colour and resize it to one "
+        "tile_size view, the processing transformers (and LLaVA-NeXT's train.py, its 'pad' override) apply "
+        "to every image of a multi-image sample; for_sample sets it when multi_image_anyres is False.",
+        tunable=False,
+    )
+    multi_image_anyres: bool = param(
+        True,
+        "Whether images of a multi-image sample keep anyres (llava-next: transformers' LlavaNext processor "
+        "has no multi-image rule) or become one padded square view each (llava-onevision: False).",
+        tunable=False,
+    )
     mean: tuple[float, ...] = param(CLIP_MEAN, "Normalization mean.", tunable=False)
     std: tuple[float, ...] = param(CLIP_STD, "Normalization std.", tunable=False)
 
     metadata_fields: ClassVar = types.MappingProxyType(
-        {"image_sizes": "list<int>", "content_box": "list<int>", "feature_grid": "list<int>"}
+        {"image_sizes": "list<int>", "feature_grid": "list<int>"}
     )
+
+    multi_image_rule: ClassVar[str] = (
+        "llava-onevision: with more than one image, each image is padded to a square (mean colour, 127) "
+        "and resized to one 384x384 view, 729 + 1 newline tokens (transformers' need_patching = n == 1, "
+        "LLaVA-NeXT train.py's 'pad' override); llava-next: none"
+    )
+
+    @property
+    def pad_color(self) -> tuple[int, ...]:
+        """`tuple(int(x * 255) for x in image_mean)`: the square padding colour of both references."""
+        return tuple(int(m * 255) for m in self.mean)
+
+    def sample_rule(self, num_images: int) -> LlavaNext:
+        if self.anyres and not self.multi_image_anyres:
+            return dataclasses.replace(self, anyres=False)
+        return self
 
     def validate(self) -> None:
         flat = self.image_grid_pinpoints
@@ -182,6 +236,8 @@ class LlavaNext(Strategy):
         image (thumbnail) is view 0 of `shape`, before the tiles."""
         check_size(width, height)
         t = self.tile_size
+        if not self.anyres:
+            return self._square_plan(width, height)
         canvas_w, canvas_h = select_best_resolution(width, height, self.candidates())
         cols, rows = canvas_w // t, canvas_h // t
         new_w, new_h = fit_size(width, height, canvas_w, canvas_h)
@@ -205,19 +261,56 @@ class LlavaNext(Strategy):
             num_tiles=num_tiles,
             num_tokens=side * side + grid_h * (grid_w + 1),
             shape=(num_tiles, 3, t, t),
-            extra=(
-                ("image_sizes", (height, width)),
-                ("content_box", content),
-                ("feature_grid", (grid_h, grid_w)),
-            ),
+            extra=(("image_sizes", (height, width)), ("feature_grid", (grid_h, grid_w))),
             content_box=None if content == (0, 0, canvas_w, canvas_h) else content,
         )
 
+    def _square_plan(self, width: int, height: int) -> Plan:
+        """`anyres=False`: one tile_size view of the padded square; its features (side^2) plus the one
+        image_newline the model appends to an unpatched image (`num_image_tokens + 1` in transformers).
+        `feature_grid` is (0, 0): there is no tile feature map."""
+        t = self.tile_size
+        content = square_pad_box(width, height, t)
+        return Plan(
+            strategy=self.name,
+            orig_width=width,
+            orig_height=height,
+            resized_width=t,
+            resized_height=t,
+            grid=(1, 1),
+            tile_boxes=((0, 0, t, t),),
+            thumbnail=False,
+            num_tiles=1,
+            num_tokens=self.features_per_side**2 + 1,
+            shape=(1, 3, t, t),
+            extra=(("image_sizes", (height, width)), ("feature_grid", (0, 0))),
+            content_box=None if content == (0, 0, t, t) else content,
+        )
+
+    def _render_square(self, image: Image.Image) -> np.ndarray:
+        """transformers' `pad_to_square(image, mean colour)` then the BICUBIC resize to tile_size."""
+        t = self.tile_size
+        width, height = image.size
+        square = image
+        if width != height:
+            long = max(width, height)
+            padded = np.empty((long, long, 3), dtype=np.uint8)
+            padded[...] = np.asarray(self.pad_color, dtype=np.uint8)
+            left, top = (long - width) // 2, (long - height) // 2
+            padded[top : top + height, left : left + width] = np.asarray(image)
+            square = Image.fromarray(padded)
+        out = np.empty((1, 3, t, t), dtype=np.uint8)
+        out[0] = np.asarray(square.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        return out
+
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
-        """uint8 (1 + cols*rows, 3, t, t): the base image squashed to t x t first, then the tiles."""
+        """uint8 (1 + cols*rows, 3, t, t): the base image squashed to t x t first, then the tiles
+        (anyres=False: (1, 3, t, t), the padded square)."""
+        if not self.anyres:
+            return self._render_square(image)
         t = self.tile_size
         cols, rows = plan.grid
-        left, top, right, bottom = dict(plan.extra)["content_box"]
+        left, top, right, bottom = plan.image_box
         out = np.empty(plan.shape, dtype=np.uint8)
         out[0] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
         canvas = np.zeros((plan.resized_height, plan.resized_width, 3), dtype=np.uint8)
@@ -228,6 +321,8 @@ class LlavaNext(Strategy):
         return out
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
+        if not self.anyres:
+            return [("padded square, one view (multi-image sample)", pixels[0].transpose(1, 2, 0))]
         cols, rows = plan.grid
         return [
             ("padded canvas, tiles row-major", join_tiles(pixels[1:], cols, rows)),
@@ -252,6 +347,7 @@ PRESETS = [
             "tile_size": 384,
             "features_per_side": 27,
             "max_num_patches": 9,
+            "multi_image_anyres": False,
             "mean": SIGLIP_MEAN,
             "std": SIGLIP_STD,
         },

@@ -11,6 +11,7 @@ image repeated along the temporal axis; `image_grid_thw` = (1, grid_h, grid_w).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass
@@ -62,6 +63,17 @@ class QwenVL(Strategy):
 
     metadata_fields: ClassVar = types.MappingProxyType({"image_grid_thw": "list<int>"})
 
+    multi_image_rule: ClassVar[str] = (
+        "none: transformers' processor and the Qwen finetune code smart_resize every image of a sample "
+        "with the same min_pixels / max_pixels"
+    )
+    budget_rules: ClassVar = types.MappingProxyType(
+        {
+            "max_tokens": "max_pixels = min(max_pixels, (budget // n) * (patch_size * merge_size)^2); "
+            "refused when min_pixels is above that",
+        }
+    )
+
     def validate(self) -> None:
         if self.min_pixels > self.max_pixels:
             raise ValueError(
@@ -71,6 +83,20 @@ class QwenVL(Strategy):
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+    def limit_tokens(self, per_image: int) -> QwenVL:
+        """One token is one factor x factor merge window, so `per_image` tokens are that many windows of
+        pixels. smart_resize keeps the budget except where the reference itself overshoots: the one-window
+        clamp of aspect ratios near 200, and the min_pixels upscale of tiny images (`ceil` per side)."""
+        cap = per_image * self.factor**2
+        if cap >= self.max_pixels:
+            return self
+        if self.min_pixels > cap:
+            raise ValueError(
+                f"{self.name}: a token budget of {per_image} per image means max_pixels {cap}, below "
+                f"min_pixels ({self.min_pixels} = {self.min_pixels / self.factor**2:g} tokens)"
+            )
+        return dataclasses.replace(self, max_pixels=cap)
 
     def plan(self, width: int, height: int) -> Plan:
         check_size(width, height)

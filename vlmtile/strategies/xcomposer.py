@@ -30,6 +30,7 @@ and the tile boxes are the `unit`-px boxes over the padded canvas.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from dataclasses import dataclass
@@ -136,15 +137,62 @@ class XComposerHD(Strategy):
     cap_scale: bool = param(
         False, "Cap the column count at ceil(long side / unit) (IXC-2.5: no upscaling).", tunable=False
     )
+    multi_image_hd_num: int = param(
+        0,
+        "hd_num the model forces when the prompt holds more than one image (IXC-2.5: 6, "
+        "interleav_wrap_chat's `if image_nums > 1: hd_num = 6`); 0 = no such rule (4KHD).",
+        minimum=0,
+        tunable=False,
+    )
     mean: tuple[float, ...] = param(CLIP_MEAN, "OpenAI CLIP mean.", tunable=False)
     std: tuple[float, ...] = param(CLIP_STD, "OpenAI CLIP std.", tunable=False)
 
-    metadata_fields: ClassVar = types.MappingProxyType(
-        {"rows": "int", "cols": "int", "content_box": "list<int>"}
+    metadata_fields: ClassVar = types.MappingProxyType({"rows": "int", "cols": "int"})
+
+    multi_image_rule: ClassVar[str] = (
+        "hd_num = min(hd_num, multi_image_hd_num) when the sample has more than one image: 6 for "
+        "xcomposer2.5 (its chat / interleav_wrap_chat set hd_num = 6 for image_nums > 1); none for "
+        "xcomposer2-4khd"
+    )
+    budget_rules: ClassVar = types.MappingProxyType(
+        {
+            "max_tiles": "hd_num = max(1, budget // n), never above hd_num (hd_num counts sub-images, "
+            "the global view not included, like InternVL's max_tiles)",
+            "max_tokens": "hd_num = the largest k whose worst case, a k x 1 strip of sub-images "
+            "((k + 1) * side^2 + 1 + (k + 1) * side tokens), fits budget // n",
+        }
     )
 
     def geometry(self, width: int, height: int) -> HDGeometry:
         return hd_geometry(width, height, self.unit, self.hd_num, self.cap_scale, self.center_padding)
+
+    def sample_rule(self, num_images: int) -> XComposerHD:
+        """IXC-2.5 overrides hd_num with 6 for several images. A user hd_num below that is kept: budgets and
+        rules only ever lower the limit the user set."""
+        rule = self.multi_image_hd_num
+        if rule and self.hd_num > rule:
+            return dataclasses.replace(self, hd_num=rule)
+        return self
+
+    def worst_tokens(self, hd_num: int) -> int:
+        """The most tokens one image can take with `hd_num`: rows*cols <= hd_num and the count grows with
+        both the product and the rows, so a strip of hd_num rows (a tall image) is the worst case."""
+        return hd_num_tokens(hd_num, 1, self.unit, self.patch_size)
+
+    def limit_tiles(self, per_image: int) -> XComposerHD:
+        limit = max(1, per_image)
+        return self if limit >= self.hd_num else dataclasses.replace(self, hd_num=limit)
+
+    def limit_tokens(self, per_image: int) -> XComposerHD:
+        limit = self.hd_num
+        while limit >= 1 and self.worst_tokens(limit) > per_image:
+            limit -= 1
+        if limit < 1:
+            raise ValueError(
+                f"{self.name}: a token budget of {per_image} per image is below the smallest worst case "
+                f"(hd_num=1: {self.worst_tokens(1)} tokens)"
+            )
+        return self if limit == self.hd_num else dataclasses.replace(self, hd_num=limit)
 
     def plan(self, width: int, height: int) -> Plan:
         check_size(width, height)
@@ -170,14 +218,15 @@ class XComposerHD(Strategy):
             num_tiles=rows * cols + 1,
             num_tokens=hd_num_tokens(rows, cols, u, self.patch_size),
             shape=(3, canvas_h, canvas_w),
-            extra=(("rows", rows), ("cols", cols), ("content_box", content)),
+            extra=(("rows", rows), ("cols", cols)),
             content_box=None if content == (0, 0, canvas_w, canvas_h) else content,
+            transposed=g.transposed,
         )
 
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
-        left, top, right, bottom = dict(plan.extra)["content_box"]
+        left, top, right, bottom = plan.image_box
         out = np.full(plan.shape, PAD_VALUE, dtype=np.uint8)
-        if plan.orig_width < plan.orig_height:
+        if plan.transposed:
             # The reference resizes the *transposed* image (Pillow's two resampling passes, each rounded to
             # uint8, do not commute with a transpose), so transpose first, then place it back transposed.
             turned = image.transpose(Image.Transpose.TRANSPOSE)
@@ -252,9 +301,16 @@ PRESETS = [
     Preset(
         "xcomposer2.5",
         XComposerHD,
-        {"alpha": "drop", "hd_num": 24, "unit": 560, "center_padding": False, "cap_scale": True},
+        {
+            "alpha": "drop",
+            "hd_num": 24,
+            "unit": 560,
+            "center_padding": False,
+            "cap_scale": True,
+            "multi_image_hd_num": 6,
+        },
         "InternLM-XComposer-2.5: Image_transform, 560-px units, bottom/right white padding, no upscaling; "
-        "hd_num 24 (6 with several images); (rows*cols+1)*400 + 1 + (rows+1)*20 tokens.",
+        "hd_num 24 (6 in samples of several images); (rows*cols+1)*400 + 1 + (rows+1)*20 tokens.",
         aliases=("ixc2.5", "xcomposer2d5", "internlm-xcomposer2.5", "internlm-xcomposer2d5"),
     ),
     Preset(
