@@ -140,7 +140,9 @@ def shard_paths(out: Path) -> list[str]:
 
 def leftover_temp_files(out: Path) -> list[str]:
     """Anything that looks like an unfinished write, anywhere under the output directory."""
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".tmp-" in p.name)
+    return sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".part-")
+    )
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -135,7 +135,7 @@ def test_preprocess_end_to_end(tree: Path, tmp_path: Path, fmt: str, dtype: str,
     sizes = {str(tree / rel): (w, h) for rel, w, h, *_ in GOOD_IMAGES}
     suffix = ".parquet" if fmt == "parquet" else ".tar"
     manifest = read_manifest(out)
-    assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:05d}{suffix}" for i in range(3)]
+    assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}{suffix}" for i in range(3)]
     assert [s["records"] for s in manifest["shards"]] == [3, 3, 2]
 
     records = _raw_records(out, fmt)
@@ -219,7 +219,7 @@ def test_manifest_contents(tree: Path, tmp_path: Path) -> None:
     manifest = read_manifest(out)
 
     assert manifest["vlmtile_version"] == vlmtile.__version__
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["strategy"]["name"] == "internvl"
     params = manifest["strategy"]["params"]
     assert params == vlmtile.get_strategy("internvl", max_tiles=6).params()
@@ -241,17 +241,25 @@ def test_manifest_contents(tree: Path, tmp_path: Path) -> None:
     start = 0
     for i, shard in enumerate(manifest["shards"]):
         path = out / shard["name"]
-        assert shard["name"] == f"shard-{i:05d}.parquet"
+        assert shard["name"] == f"shard-{i:06d}.parquet"
         assert shard["sha256"] == sha256(path)
         assert shard["bytes"] == path.stat().st_size
-        assert shard["failures"] == 0
         mine = rows[start : start + shard["records"]]
         start += shard["records"]
         assert shard["tokens"] == sum(r["num_tokens"] for r in mine)
         assert shard["tiles"] == sum(r["num_tiles"] for r in mine)
-        # The per-shard completion record agrees with the manifest.
-        record = json.loads((out / "_shards" / f"shard-{i:05d}.json").read_text())
-        assert {k: v for k, v in record.items() if k != "errors"} == shard
+        # The task's completion record agrees with the manifest (one file per task here).
+        record = json.loads((out / "_shards" / f"task-{i:06d}.json").read_text())
+        (written,) = record["files"]
+        assert written["name"] == f".part-{i:06d}-0000.parquet"
+        assert {k: v for k, v in written.items() if k != "name"} == {
+            k: v for k, v in shard.items() if k != "name"
+        }
+        assert (record["inputs"], record["records"], record["failures"]) == (
+            shard["records"],
+            shard["records"],
+            0,
+        )
         assert record["errors"] == []
     assert manifest["totals"] == {
         "inputs": len(GOOD_IMAGES),
@@ -285,12 +293,13 @@ def test_no_temporary_files_after_success(tree: Path, tmp_path: Path) -> None:
         suffix = ".parquet" if fmt == "parquet" else ".tar"
         assert sorted(os.listdir(out)) == [
             "_errors.jsonl",
+            *(["_index.wids.json"] if fmt == "webdataset" else []),
             "_manifest.json",
             "_shards",
-            f"shard-00000{suffix}",
-            f"shard-00001{suffix}",
+            f"shard-000000{suffix}",
+            f"shard-000001{suffix}",
         ]
-        assert sorted(os.listdir(out / "_shards")) == ["shard-00000.json", "shard-00001.json"]
+        assert sorted(os.listdir(out / "_shards")) == ["task-000000.json", "task-000001.json"]
 
 
 # -- failures -----------------------------------------------------------------------------------------
@@ -373,8 +382,10 @@ def test_failures_are_recorded_once_each(mixed: dict[str, Path], tmp_path: Path,
     assert manifest["totals"]["inputs"] == len(inputs) == 8
     assert manifest["totals"]["records"] == len(stored) == 3
     assert manifest["totals"]["failures"] == 5
-    assert sum(s["failures"] for s in manifest["shards"]) == 5
     assert sum(s["records"] for s in manifest["shards"]) == 3
+    tasks = [json.loads(p.read_text()) for p in sorted((out / "_shards").iterdir())]
+    assert sum(t["failures"] for t in tasks) == 5  # failures are counted per task (files hold records)
+    assert sum(len(t["errors"]) for t in tasks) == 5
     assert len(vlmtile.open_dataset(out)) == 3
     assert [r["key"] for r in vlmtile.open_dataset(out)] == [
         "good_a_png",
@@ -415,8 +426,15 @@ def test_refuses_previous_output_unless_overwrite(tree: Path, tmp_path: Path) ->
     assert replaced.exit_code == 0, replaced.output
     names = sorted(os.listdir(out))
     assert not [n for n in names if n.endswith(".parquet")]  # the old format's shards are gone
-    assert names == ["_errors.jsonl", "_manifest.json", "_shards", "keep_me.txt", "shard-00000.tar"]
-    assert os.listdir(out / "_shards") == ["shard-00000.json"]
+    assert names == [
+        "_errors.jsonl",
+        "_index.wids.json",
+        "_manifest.json",
+        "_shards",
+        "keep_me.txt",
+        "shard-000000.tar",
+    ]
+    assert os.listdir(out / "_shards") == ["task-000000.json"]
     assert read_manifest(out)["format"] == "webdataset"
 
 
@@ -600,7 +618,9 @@ def test_tar_members_written_through_cli_are_regular_files(tree: Path, tmp_path:
     assert result.exit_code == 0, result.output
     with tarfile.open(shard_paths(out)[0]) as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == [f"{k}.{ext}" for k in expected_keys() for ext in ("npy", "json")]
+    assert [m.name for m in members] == [
+        f"{k}.{ext}" for k in expected_keys() for ext in ("json", "npy")
+    ]  # sorted
     assert all(m.isfile() and m.mtime == 0 for m in members)
 
 

@@ -110,7 +110,13 @@ def test_shard_whose_inputs_all_failed(folder: Path, tmp_path: Path, fmt: str) -
     summary = vlmtile.preprocess(config(folder, out, format=fmt, shard_size=2))
     assert (summary.inputs, summary.records, summary.failures) == (6, 4, 2)
     manifest = read_manifest(out)
-    assert [(s["records"], s["failures"]) for s in manifest["shards"]] == [(0, 2), (2, 0), (2, 0)]
+    # A task whose every input failed writes no file at all (no empty shards); its record says why.
+    assert [(s["name"], s["records"]) for s in manifest["shards"]] == [
+        (f"shard-000000{'.parquet' if fmt == 'parquet' else '.tar'}", 2),
+        (f"shard-000001{'.parquet' if fmt == 'parquet' else '.tar'}", 2),
+    ]
+    first_task = json.loads((out / "_shards" / "task-000000.json").read_text())
+    assert (first_task["files"], first_task["inputs"], first_task["failures"]) == ([], 2, 2)
     for shard in manifest["shards"]:
         assert sha256(out / shard["name"]) == shard["sha256"]
     assert [r["key"] for r in vlmtile.open_dataset(out)] == [f"img{i}_png" for i in range(4)]
@@ -154,7 +160,8 @@ def test_dead_worker_inputs_are_accounted_for(dead_worker_run: tuple[Path, Path,
     assert {e["stage"] for e in errors} == {"write"}
     assert [e["source"] for e in errors] == [str(folder / "img01.png")]
     assert errors[0]["reason"] == (
-        "shard shard-00001.parquet was not written: worker process exited with status 17 without a result"
+        f"task 1 ({folder / 'img01.png'}) was not written: "
+        "worker process exited with status 17 without a result"
     )
     manifest = read_manifest(out)
     assert manifest["totals"]["records"] + manifest["totals"]["failures"] == 12
@@ -194,7 +201,7 @@ def test_open_dataset_accepts_pathlike_and_reports_length(folder: Path, tmp_path
     dataset = vlmtile.open_dataset(out)
     assert len(dataset) == 4
     assert dataset.format == "webdataset" and dataset.dtype == "uint8"
-    assert [os.path.basename(p) for p in dataset.shard_paths] == ["shard-00000.tar", "shard-00001.tar"]
+    assert [os.path.basename(p) for p in dataset.shard_paths] == ["shard-000000.tar", "shard-000001.tar"]
     assert dataset.strategy.params() == STRATEGY.params()
     assert next(iter(dataset))["pixel_values"].dtype == np.float32
 

@@ -156,7 +156,9 @@ def test_tar_layout(folder: Path, tmp_path: Path) -> None:
         with tarfile.open(path) as tar:
             members = tar.getmembers()
             shard_keys = [m.name.split(".")[0] for m in members[::2]]
-            assert [m.name for m in members] == [f"{k}.{ext}" for k in shard_keys for ext in ("npy", "json")]
+            assert [m.name for m in members] == [
+                f"{k}.{ext}" for k in shard_keys for ext in ("json", "npy")
+            ]  # sorted
             for member in members:
                 assert member.isfile()
                 assert member.mtime == 0
@@ -222,7 +224,7 @@ def test_disk_full_mid_shard_loses_only_that_shard(
 ) -> None:
     sink_cls = sinks.SINKS[fmt]
     real_write = sink_cls.write
-    failing_shard = f"shard-00001{sink_cls.suffix}"
+    failing_shard = f".part-000001-0000{sink_cls.suffix}"  # task 1's first file
     calls: list[str] = []
 
     def write(self: sinks.ShardSink, record: Any) -> None:
@@ -241,19 +243,19 @@ def test_disk_full_mid_shard_loses_only_that_shard(
     assert (summary.inputs, summary.records, summary.failures, summary.shards) == (6, 4, 2, 2)
     assert not (out / failing_shard).exists()
     assert leftover_temp_files(out) == []
-    assert not (out / "_shards" / "shard-00001.json").exists()
+    assert not (out / "_shards" / "task-000001.json").exists()
 
     errors = read_errors(out)
     assert [e["source"] for e in errors] == [str(folder / "img02.png"), str(folder / "img03.png")]
     for error in errors:
         assert error["stage"] == "write"
         assert "No space left on device" in error["reason"]
-        assert failing_shard in error["reason"]
+        assert error["reason"].startswith("task 1 (")
 
     manifest = read_manifest(out)
     assert [s["name"] for s in manifest["shards"]] == [
-        f"shard-00000{sink_cls.suffix}",
-        f"shard-00002{sink_cls.suffix}",
+        f"shard-000000{sink_cls.suffix}",  # task 0
+        f"shard-000001{sink_cls.suffix}",  # task 2: names stay contiguous
     ]
     for shard in manifest["shards"]:
         assert shard["sha256"] == sha256(out / shard["name"])
@@ -273,7 +275,7 @@ def test_failure_in_commit_leaves_no_file(
     real_fsync = sinks._fsync
 
     def fsync(path: str) -> None:
-        if os.path.basename(path).startswith(".shard-00000"):
+        if os.path.basename(path).startswith("..part-000000-"):  # task 0's temporary file
             raise OSError(5, "Input/output error")
         real_fsync(path)
 
@@ -281,6 +283,12 @@ def test_failure_in_commit_leaves_no_file(
     out = tmp_path / "out"
     summary = vlmtile.preprocess(config(folder, out, format="webdataset", shard_size=3))
     assert (summary.records, summary.failures) == (3, 3)
-    assert sorted(os.listdir(out)) == ["_errors.jsonl", "_manifest.json", "_shards", "shard-00001.tar"]
+    assert sorted(os.listdir(out)) == [
+        "_errors.jsonl",
+        "_index.wids.json",
+        "_manifest.json",
+        "_shards",
+        "shard-000000.tar",
+    ]
     assert leftover_temp_files(out) == []
     assert {e["stage"] for e in read_errors(out)} == {"write"}

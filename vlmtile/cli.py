@@ -19,7 +19,16 @@ from tqdm import tqdm
 from .decode import load_image
 from .dtypes import STORAGE_DTYPES
 from .errors import ImageError, VlmtileError
-from .runner import DEFAULT_SHARD_SIZE, ERRORS, RunConfig, available_cpus, preprocess
+from .runner import (
+    DEFAULT_PREFIX,
+    DEFAULT_SHARD_BYTES,
+    DEFAULT_SHARD_SIZE,
+    ERRORS,
+    RunConfig,
+    available_cpus,
+    preprocess,
+)
+from .samples import SourceOptions
 from .sinks import SINKS
 from .stats import (
     Column,
@@ -32,7 +41,9 @@ from .stats import (
 )
 from .strategies import describe, get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
+from .streams import is_url
 from .visualize import inspect_image
+from .work import Budget
 
 EXIT_FAILURES = 3
 """Exit status when the run finished but some inputs are in the error record."""
@@ -87,8 +98,71 @@ def cli() -> None:
     """Pre-tile images offline exactly as vision-language models preprocess them."""
 
 
+def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """How to read manifests and Parquet inputs (shared by preprocess and stats)."""
+    for option in reversed(
+        [
+            click.option(
+                "--image-field",
+                default=None,
+                help="Manifest field / Parquet column with the image(s) [default: images, then image; "
+                "for Parquet also the first binary or {bytes, path} column].",
+            ),
+            click.option(
+                "--key-field",
+                default="id",
+                show_default=True,
+                help="Manifest field / Parquet column used as the sample key (else the line / row number).",
+            ),
+            click.option(
+                "--image-root",
+                type=click.Path(file_okay=False),
+                default=None,
+                help="Folder that relative image paths are relative to [default: the manifest's folder].",
+            ),
+            click.option(
+                "--max-tiles-per-sample",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Per-sample tile budget shared over a sample's images (strategies with max_tiles).",
+            ),
+            click.option(
+                "--max-tokens-per-sample",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Per-sample visual-token budget shared over a sample's images.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _check_inputs(inputs: tuple[str, ...]) -> None:
+    """A local input that does not exist is a usage error (exit 2), like any bad argument."""
+    for raw in inputs:
+        if is_url(raw) or "{" in raw:
+            continue  # remote, pipe: and brace patterns are checked when they are read
+        if not os.path.lexists(raw):
+            raise click.BadParameter(f"{raw!r} does not exist", param_hint="INPUTS")
+
+
+def _sources(options: dict[str, Any]) -> SourceOptions:
+    return SourceOptions(
+        image_field=options.pop("image_field"),
+        key_field=options.pop("key_field"),
+        image_root=options.pop("image_root"),
+    )
+
+
+def _budget(options: dict[str, Any]) -> Budget:
+    return Budget(
+        max_tiles=options.pop("max_tiles_per_sample"), max_tokens=options.pop("max_tokens_per_sample")
+    )
+
+
 @cli.command(context_settings=CONTEXT)
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("-s", "--strategy", "strategy_name", required=True, help="Strategy (see `vlmtile strategies`).")
 @click.option("--format", "fmt", type=click.Choice(sorted(SINKS)), default="parquet", show_default=True)
@@ -107,8 +181,22 @@ def cli() -> None:
     type=click.IntRange(min=1),
     default=DEFAULT_SHARD_SIZE,
     show_default=True,
-    help="Images per output shard.",
+    help="Samples per task (image files, manifests); each tar shard / Parquet file is one task.",
 )
+@click.option(
+    "--shard-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SHARD_BYTES,
+    show_default=True,
+    help="Largest output shard in bytes; a task's output continues in a new shard past it.",
+)
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Shard names: PREFIX-000000.ext.")
+@click.option(
+    "--no-pixels",
+    is_flag=True,
+    help="Metadata only: plans, token counts, grids and sample fields; no arrays.",
+)
+@source_options
 @click.option("--overwrite", is_flag=True, help="Replace vlmtile output already in the output directory.")
 @click.option(
     "-q", "--quiet", is_flag=True, help="No progress bar and no summary unless inputs failed (for cron)."
@@ -122,28 +210,48 @@ def preprocess_cmd(
     dtype: str,
     workers: int | None,
     shard_size: int,
+    shard_bytes: int,
+    prefix: str,
+    no_pixels: bool,
     overwrite: bool,
     quiet: bool,
     **options: Any,
 ) -> None:
-    """Tile INPUTS (image files and folders, walked recursively) into Parquet or WebDataset shards.
+    """Tile INPUTS into Parquet or WebDataset shards.
+
+    INPUTS are image files and folders (walked recursively), WebDataset tar shards (local, folders of
+    them, brace patterns, pipe: commands, s3:// gs:// https:// ... with vlmtile[remote]), LLaVA / ms-swift
+    JSON or JSONL manifests, and Parquet files with an image column.
 
     \b
-    Example:
+    Examples:
       vlmtile preprocess sample_data/ -o out/ --strategy internvl --max-tiles 6
+      vlmtile preprocess 'shards-{000000..000099}.tar' -o out/ -s qwen2.5-vl --format webdataset
+      vlmtile preprocess train.jsonl --image-root images/ -o out/ -s internvl --max-tiles-per-sample 12
     """
+    _check_inputs(inputs)
+    sources = _sources(options)
+    budget = _budget(options)
     strategy = build_strategy(strategy_name, options)
-    config = RunConfig(
-        inputs=inputs,
-        output=output,
-        strategy=strategy,
-        format=fmt,
-        dtype=dtype,
-        workers=workers or available_cpus(),
-        shard_size=shard_size,
-        overwrite=overwrite,
-        progress=not quiet,
-    )
+    try:
+        config = RunConfig(
+            inputs=inputs,
+            output=output,
+            strategy=strategy,
+            format=fmt,
+            dtype=dtype,
+            workers=workers or available_cpus(),
+            shard_size=shard_size,
+            shard_bytes=shard_bytes,
+            prefix=prefix,
+            pixels=not no_pixels,
+            budget=budget,
+            sources=sources,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+    except VlmtileError as e:  # settings that do not go together: a usage error (exit 2)
+        raise click.UsageError(str(e)) from None
     try:
         summary = preprocess(config)
     except VlmtileError as e:
@@ -202,7 +310,7 @@ def parse_column(spec: str, options: dict[str, Any]) -> Column:
 
 
 @cli.command("stats", context_settings=CONTEXT)
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "-s",
     "--strategy",
@@ -218,12 +326,14 @@ def parse_column(spec: str, options: dict[str, Any]) -> Column:
 @click.option(
     "--emit-lengths",
     type=click.Path(dir_okay=False),
-    help="Write one JSON line per image: source, key, width, height, num_tokens per strategy.",
+    help="Write one JSON line per image (per sample for manifests, tars, Parquet): source, key, sizes, "
+    "num_tokens per strategy.",
 )
 @click.option(
     "--workers", type=click.IntRange(min=1), default=None, help="Processes [default: usable cores]."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@source_options
 @strategy_options
 def stats_cmd(
     inputs: tuple[str, ...],
@@ -244,6 +354,9 @@ def stats_cmd(
       vlmtile stats sample_data/ -s internvl:max_tiles=6 -s internvl -s qwen2.5-vl:max_pixels=1003520
       vlmtile stats out/ --json
     """
+    _check_inputs(inputs)
+    sources = _sources(options)
+    sample_budget = _budget(options)
     outputs = [p for p in inputs if os.path.isdir(p) and is_output_dir(p)]
     try:
         if outputs:
@@ -281,6 +394,8 @@ def stats_cmd(
                     workers=workers or available_cpus(),
                     emit_lengths=bool(emit_lengths),
                     on_progress=lambda images, tokens: bar.update(images),
+                    sources=sources,
+                    sample_budget=sample_budget,
                 )
         if emit_lengths:
             write_lengths(emit_lengths, result.lengths)

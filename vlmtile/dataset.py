@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from .dtypes import decode_pixels, numpy_dtype
 from .errors import VlmtileError
 from .runner import MANIFEST
+from .samples import members_as_json
 from .strategies import Strategy, get_preset, get_strategy
 from .strategies.base import tunable_fields
 
@@ -51,6 +52,8 @@ class Dataset:
         self.strategy = strategy_from_manifest(self.manifest)
         self.format: str = self.manifest["format"]
         self.dtype: str = self.manifest["dtype"]
+        self.layout: str = self.manifest.get("layout", "image")
+        """"image": one record per image; "sample": one per sample, `pixel_values` a list (one per image)."""
         self.as_stored = as_stored
         """If True, `pixel_values` is the stored array (uint8 / float16 / bfloat16) instead of float32."""
 
@@ -66,13 +69,29 @@ class Dataset:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for path in self.shard_paths:
-            yield from (self._parquet(path) if self.format == "parquet" else self._tar(path))
+            yield from self.iter_shard(path)
+
+    def iter_shard(self, path: str) -> Iterator[dict[str, Any]]:
+        """The records of one shard file (one of `shard_paths`): the unit loaders split across workers."""
+        return self._parquet(path) if self.format == "parquet" else self._tar(path)
 
     def _parquet(self, path: str) -> Iterator[dict[str, Any]]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4):
             for row in batch.to_pylist():
-                stored = np.frombuffer(row["pixel_values"], numpy_dtype(row["dtype"])).reshape(row["shape"])
-                row["pixel_values"] = self._pixels(stored)
+                if self.layout == "sample":
+                    if "pixel_values" in row:
+                        row["pixel_values"] = [
+                            self._pixels(
+                                np.frombuffer(raw, numpy_dtype(row["dtype"])).reshape(image["shape"])
+                            )
+                            for raw, image in zip(row["pixel_values"], row["images"], strict=True)
+                        ]
+                    row["sample"] = json.loads(row["sample"]) if row["sample"] is not None else None
+                elif "pixel_values" in row:
+                    stored = np.frombuffer(row["pixel_values"], numpy_dtype(row["dtype"])).reshape(
+                        row["shape"]
+                    )
+                    row["pixel_values"] = self._pixels(stored)
                 yield row
 
     def _tar(self, path: str) -> Iterator[dict[str, Any]]:
@@ -91,12 +110,31 @@ class Dataset:
         if sample:
             yield self._tar_record(sample)
 
-    def _tar_record(self, sample: dict[str, bytes]) -> dict[str, Any]:
-        row: dict[str, Any] = json.loads(sample["json"])
-        stored = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        if row["dtype"] == "bfloat16":
+    def _npy(self, data: bytes, dtype: str) -> np.ndarray:
+        stored = np.load(io.BytesIO(data), allow_pickle=False)
+        if dtype == "bfloat16":
             stored = stored.view(numpy_dtype("bfloat16"))
-        row["pixel_values"] = self._pixels(stored)
+        return self._pixels(stored)
+
+    def _tar_record(self, sample: dict[str, bytes]) -> dict[str, Any]:
+        if self.layout == "image":
+            row: dict[str, Any] = json.loads(sample["json"])
+            if "npy" in sample:
+                row["pixel_values"] = self._npy(sample["npy"], row["dtype"])
+            return row
+        row = json.loads(sample.pop("vlmtile.json"))
+        kind = row.pop("sample_kind", None)
+        arrays = [sample.pop(f"img{i}.npy", None) for i in range(row["num_images"])]
+        if all(a is not None for a in arrays) and arrays:
+            row["pixel_values"] = [self._npy(a, row["dtype"]) for a in arrays if a is not None]
+        elif self.manifest.get("pixels", True):
+            row["pixel_values"] = []
+        if kind == "fields":
+            row["sample"] = json.loads(sample["json"])
+        elif kind == "members":
+            row["sample"] = members_as_json(sorted(sample.items()))
+        else:
+            row["sample"] = None
         return row
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .samples import members_as_json
 from .strategies import Strategy
-from .work import Record
+from .work import SampleRecord
 
 TAR_MTIME = 0
 """Fixed member mtime, so the same records give a byte-identical tar."""
@@ -36,6 +37,8 @@ _META_TYPES = {
     "str": pa.string(),
     "list<int>": pa.list_(pa.int64()),
 }
+LAYOUTS = ("image", "sample")
+"""image: one record per image (plain image inputs); sample: one record per sample, images as lists."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,9 @@ class ShardFile:
     sha256: str
 
 
-def parquet_schema(strategy: Strategy) -> pa.Schema:
-    """The explicit schema of a Parquet shard for this strategy (no type inference drift)."""
+def image_fields(strategy: Strategy) -> list[pa.Field]:
+    """Per-image metadata columns: the same in a flat row and inside a sample's `images` list."""
     fields = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("pixel_values", pa.large_binary(), nullable=False),
-        pa.field("shape", pa.list_(pa.int64()), nullable=False),
-        pa.field("dtype", pa.string(), nullable=False),
         pa.field("orig_width", pa.int64(), nullable=False),
         pa.field("orig_height", pa.int64(), nullable=False),
         pa.field("resized_width", pa.int64(), nullable=False),
@@ -63,9 +61,75 @@ def parquet_schema(strategy: Strategy) -> pa.Schema:
         pa.field("thumbnail", pa.bool_(), nullable=False),
         pa.field("num_tiles", pa.int64(), nullable=False),
         pa.field("num_tokens", pa.int64(), nullable=False),
+        # Grounding: where the image lies on the resized canvas and how the canvas is cut.
+        pa.field("content_box", pa.list_(pa.int64())),
+        pa.field("transposed", pa.bool_()),
+        pa.field("tile_boxes", pa.list_(pa.list_(pa.int64()))),
     ]
     fields += [pa.field(name, _META_TYPES[kind]) for name, kind in strategy.metadata_fields.items()]
+    return fields
+
+
+def parquet_schema(strategy: Strategy, layout: str = "image", pixels: bool = True) -> pa.Schema:
+    """The explicit schema of a Parquet shard (no type inference drift)."""
+    if layout == "image":
+        fields = [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("pixel_values", pa.large_binary(), nullable=False),
+            pa.field("shape", pa.list_(pa.int64()), nullable=False),
+            pa.field("dtype", pa.string(), nullable=False),
+            *image_fields(strategy),
+        ]
+    else:
+        per_image = [
+            pa.field("name", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("shape", pa.list_(pa.int64()), nullable=False),
+            *image_fields(strategy),
+        ]
+        fields = [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("orig_key", pa.string()),
+            pa.field("num_images", pa.int64(), nullable=False),
+            pa.field("num_tiles", pa.int64(), nullable=False),
+            pa.field("num_tokens", pa.int64(), nullable=False),
+            pa.field("dtype", pa.string(), nullable=False),
+            pa.field("pixel_values", pa.list_(pa.large_binary()), nullable=False),
+            pa.field("images", pa.list_(pa.struct(per_image)), nullable=False),
+            pa.field("sample", pa.string()),
+        ]
+    if not pixels:
+        fields = [f for f in fields if f.name != "pixel_values"]
     return pa.schema(fields)
+
+
+def sample_json(record: SampleRecord) -> str | None:
+    """A sample's non-image content as JSON text (manifest / Parquet fields, or tar members)."""
+    sample = record.sample
+    if sample.fields:
+        return json.dumps(sample.fields, sort_keys=True, ensure_ascii=False)
+    if sample.members:
+        return json.dumps(members_as_json(sample.members), sort_keys=True, ensure_ascii=False)
+    return None
+
+
+def sample_metadata(record: SampleRecord, dtype: str) -> dict[str, Any]:
+    """The sample-level metadata (`KEY.vlmtile.json` in tar shards, the scalar columns in Parquet)."""
+    sample = record.sample
+    return {
+        "key": sample.key,
+        "source": sample.source,
+        "orig_key": sample.orig_key,
+        "num_images": len(record.images),
+        "num_tiles": record.num_tiles,
+        "num_tokens": record.num_tokens,
+        "dtype": dtype,
+        "images": [{k: v for k, v in r.metadata.items() if k not in ("key", "dtype")} for r in record.images],
+        # How the reader rebuilds `sample` from a tar: one JSON member, or the original members.
+        "sample_kind": "fields" if sample.fields else ("members" if sample.members else None),
+    }
 
 
 def sha256_file(path: str) -> str:
@@ -89,16 +153,29 @@ class ShardSink:
 
     suffix: ClassVar[str] = ""
 
-    def __init__(self, path: str, strategy: Strategy, dtype: str, file_metadata: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        path: str,
+        strategy: Strategy,
+        dtype: str,
+        file_metadata: dict[str, Any],
+        *,
+        layout: str = "image",
+        pixels: bool = True,
+    ) -> None:
         self.path = path
         self.strategy = strategy
         self.dtype = dtype
         self.file_metadata = file_metadata
+        self.layout = layout
+        self.pixels = pixels
         directory, name = os.path.split(path)
         self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
         self.records = 0
+        self.bytes = 0
+        """Bytes written so far (pixels plus metadata, approximately the file size): rotation reads it."""
 
-    def write(self, record: Record) -> None:
+    def write(self, record: SampleRecord) -> None:
         raise NotImplementedError
 
     def _finish(self) -> None:
@@ -136,13 +213,23 @@ class ShardSink:
 
 
 class ParquetSink(ShardSink):
-    """One row per image; pixels as raw C-order bytes in a large_binary column, with shape and dtype."""
+    """One row per image (image layout) or per sample (sample layout, images as list columns); pixels as
+    raw C-order bytes in large_binary cells, with shape and dtype beside them."""
 
     suffix = ".parquet"
 
-    def __init__(self, path: str, strategy: Strategy, dtype: str, file_metadata: dict[str, Any]) -> None:
-        super().__init__(path, strategy, dtype, file_metadata)
-        schema = parquet_schema(strategy).with_metadata(
+    def __init__(
+        self,
+        path: str,
+        strategy: Strategy,
+        dtype: str,
+        file_metadata: dict[str, Any],
+        *,
+        layout: str = "image",
+        pixels: bool = True,
+    ) -> None:
+        super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
+        schema = parquet_schema(strategy, layout, pixels).with_metadata(
             {"vlmtile": json.dumps(file_metadata, sort_keys=True)}
         )
         self.schema = schema
@@ -155,12 +242,28 @@ class ParquetSink(ShardSink):
             use_dictionary=small,
             write_statistics=small,
         )
-        self._rows: list[Record] = []
+        self._rows: list[dict[str, Any]] = []
         self._buffered = 0
 
-    def write(self, record: Record) -> None:
-        self._rows.append(record)
-        self._buffered += record.pixels.nbytes
+    def _row(self, record: SampleRecord) -> dict[str, Any]:
+        if self.layout == "image":
+            (image,) = record.images
+            row = {k: v for k, v in image.metadata.items() if k != "name"}
+            if self.pixels and image.pixels is not None:
+                row["pixel_values"] = _raw(image.pixels)
+            return row
+        row = sample_metadata(record, self.dtype)
+        row["sample"] = sample_json(record)
+        if self.pixels:
+            row["pixel_values"] = [_raw(r.pixels) for r in record.images if r.pixels is not None]
+        return row
+
+    def write(self, record: SampleRecord) -> None:
+        row = self._row(record)
+        self._rows.append(row)
+        size = record.pixel_bytes + 512
+        self._buffered += size
+        self.bytes += size
         self.records += 1
         if self._buffered >= ROW_GROUP_BYTES:
             self._flush()
@@ -168,14 +271,11 @@ class ParquetSink(ShardSink):
     def _flush(self) -> None:
         if not self._rows:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in self.schema.names}
-        for record in self._rows:
-            for name in self.schema.names:
-                if name == "pixel_values":
-                    columns[name].append(np.ascontiguousarray(record.pixels).view(np.uint8).tobytes())
-                else:
-                    columns[name].append(record.metadata.get(name))
-        self._writer.write_table(pa.table(columns, schema=self.schema))
+        names = self.schema.names
+        table = pa.Table.from_pylist(
+            [{n: row.get(n) for n in names} for row in self._rows], schema=self.schema
+        )
+        self._writer.write_table(table)
         self._rows.clear()
         self._buffered = 0
 
@@ -188,13 +288,29 @@ class ParquetSink(ShardSink):
         self._writer.close()
 
 
+def _raw(pixels: np.ndarray | None) -> bytes:
+    assert pixels is not None
+    return np.ascontiguousarray(pixels).view(np.uint8).tobytes()
+
+
 class TarSink(ShardSink):
-    """One WebDataset sample per image: `KEY.npy` (pixels) and `KEY.json` (metadata), in key order."""
+    """One WebDataset sample per record. Image layout: `KEY.npy` + `KEY.json` (metadata). Sample layout:
+    `KEY.img0.npy`, `KEY.img1.npy`, ... in image order, `KEY.vlmtile.json` (metadata), and the sample's
+    own members (`KEY.txt`, `KEY.json`, ...) as they came; a manifest line or Parquet row is `KEY.json`."""
 
     suffix = ".tar"
 
-    def __init__(self, path: str, strategy: Strategy, dtype: str, file_metadata: dict[str, Any]) -> None:
-        super().__init__(path, strategy, dtype, file_metadata)
+    def __init__(
+        self,
+        path: str,
+        strategy: Strategy,
+        dtype: str,
+        file_metadata: dict[str, Any],
+        *,
+        layout: str = "image",
+        pixels: bool = True,
+    ) -> None:
+        super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed by _finish / _discard
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
@@ -205,15 +321,36 @@ class TarSink(ShardSink):
         info.mode = 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, record: Record) -> None:
-        pixels = record.pixels
+    def _npy(self, pixels: np.ndarray) -> bytes:
         if self.dtype == "bfloat16":
-            # .npy has no bfloat16: store the bits as uint16; KEY.json says "bfloat16".
+            # .npy has no bfloat16: store the bits as uint16; the JSON says "bfloat16".
             pixels = pixels.view(np.uint16)
         buf = io.BytesIO()
         np.lib.format.write_array(buf, np.ascontiguousarray(pixels), allow_pickle=False)
-        self._add(f"{record.key}.npy", buf.getvalue())
-        self._add(f"{record.key}.json", json.dumps(record.metadata, sort_keys=True).encode())
+        return buf.getvalue()
+
+    def write(self, record: SampleRecord) -> None:
+        key = record.key
+        members: dict[str, bytes] = {}
+        if self.layout == "image":
+            (image,) = record.images
+            if self.pixels and image.pixels is not None:
+                members["npy"] = self._npy(image.pixels)
+            metadata = {k: v for k, v in image.metadata.items() if k != "name"}
+            members["json"] = json.dumps(metadata, sort_keys=True).encode()
+        else:
+            members.update(record.sample.members)
+            if record.sample.fields:
+                text = json.dumps(record.sample.fields, sort_keys=True, ensure_ascii=False)
+                members["json"] = text.encode()
+            if self.pixels:
+                for i, image in enumerate(record.images):
+                    if image.pixels is not None:
+                        members[f"img{i}.npy"] = self._npy(image.pixels)
+            members["vlmtile.json"] = json.dumps(sample_metadata(record, self.dtype), sort_keys=True).encode()
+        for ext in sorted(members):  # sorted member names: byte-identical reruns
+            self._add(f"{key}.{ext}", members[ext])
+            self.bytes += 512 + len(members[ext])
         self.records += 1
 
     def _finish(self) -> None:

@@ -62,6 +62,14 @@ def _walk(root: str) -> Iterator[tuple[str, str, str]]:
                 yield entry.path, rel, real
 
 
+def _taken(path: str, containers: list[str] | None) -> bool:
+    """A tar / Parquet file found while walking goes to `containers` (when collecting them)."""
+    if containers is not None and is_container(path):
+        containers.append(path)
+        return True
+    return False
+
+
 def _wanted(path: str) -> bool:
     """Image suffix -> yes (and fail loudly later if it is not one); otherwise sniff the content."""
     if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
@@ -105,17 +113,30 @@ def _unique_keys(entries: list[tuple[str, str]]) -> list[str]:
     raise VlmtileError("could not make unique record keys (the same source listed twice?)")
 
 
-def list_inputs(paths: Iterable[str | os.PathLike[str]]) -> list[InputItem]:
+def is_container(path: str) -> bool:
+    """Tar shards and Parquet files: inputs holding many samples, read as streams rather than images."""
+    return path.lower().endswith((".tar", ".tar.gz", ".tgz", ".parquet"))
+
+
+def list_inputs(
+    paths: Iterable[str | os.PathLike[str]], *, containers: list[str] | None = None
+) -> list[InputItem]:
     """Every image under `paths` (files are taken as given, folders walked), sorted by source path.
 
     Keys that collide after sanitizing get a short hash of their source appended, so that every record
-    key is unique and stays the same from run to run.
+    key is unique and stays the same from run to run. With `containers`, tar shards and Parquet files met
+    on the way (given or inside folders) are appended to it instead of being taken as images.
     """
     found: dict[str, tuple[str, str]] = {}  # realpath -> smallest (source, relpath) reaching it
     for raw in paths:
         path = os.fspath(raw)
+        if containers is not None and is_container(path) and os.path.isfile(path):
+            containers.append(path)
+            continue
         if os.path.isdir(path):
-            candidates: Iterable[tuple[str, str, str]] = (entry for entry in _walk(path) if _wanted(entry[0]))
+            candidates: Iterable[tuple[str, str, str]] = (
+                entry for entry in _walk(path) if not _taken(entry[0], containers) and _wanted(entry[0])
+            )
         elif os.path.lexists(path):
             candidates = [(path, os.path.basename(path), os.path.realpath(path))]
         else:

@@ -8,6 +8,7 @@ output directory is reported from its stored metadata, never its pixel arrays.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -25,11 +26,14 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from .dtypes import STORAGE_DTYPES, numpy_dtype
-from .errors import VlmtileError
+from .errors import ImageError, VlmtileError
 from .executors import Progress, run_tasks
 from .runner import MANIFEST
-from .sources import InputItem, display_path, list_inputs
+from .samples import Failure, ImageRef, Sample, SourceOptions, StreamInput, iter_stream, list_samples
+from .sources import InputItem, display_path
 from .strategies import Strategy, describe
+from .streams import is_url, read_bytes_url
+from .work import Budget
 
 STATS_SCHEMA_VERSION = 1
 MIN_CHUNK = 1024
@@ -114,7 +118,7 @@ class Header:
     orientation: int
 
 
-def read_header(path: str, png_orientation: bool = True) -> Header:
+def read_header(path: str | bytes, png_orientation: bool = True) -> Header:
     """Width, height and EXIF orientation from the file header, without decoding pixels.
 
     The orientation is what `ImageOps.exif_transpose` would use (Pillow's `getexif`, which also reads
@@ -127,7 +131,7 @@ def read_header(path: str, png_orientation: bool = True) -> Header:
         with warnings.catch_warnings():
             # As in decode.py: the warning is Pillow being cautious; the hard limit still raises below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
                 width, height = image.size
                 found = 1
                 if image.format == "PNG":
@@ -156,7 +160,7 @@ def _orientation(exif: Image.Exif) -> int:
     return int(exif.get(_ORIENTATION_TAG, 1) or 1)
 
 
-def _png_orientation(image: Image.Image, path: str) -> int:
+def _png_orientation(image: Image.Image, path: str | bytes) -> int:
     """A PNG's orientation as Pillow would find it after decoding, found by skipping through chunks."""
     if "exif" not in image.info:
         exif = _png_exif_chunk(path)
@@ -166,9 +170,9 @@ def _png_orientation(image: Image.Image, path: str) -> int:
     return _orientation(Image.Image.getexif(image))
 
 
-def _png_exif_chunk(path: str) -> bytes | None:
+def _png_exif_chunk(path: str | bytes) -> bytes | None:
     """The data of the first eXIf chunk in a PNG file, reading chunk headers only (seeking past data)."""
-    with open(path, "rb") as f:
+    with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f:
         if f.read(8) != b"\x89PNG\r\n\x1a\n":
             return None
         while header := f.read(8):
@@ -199,6 +203,10 @@ class StatsTask:
     emit: bool
     orientation: bool
     """Read PNG EXIF orientation (only when some column honours it: it can mean reading the whole file)."""
+    samples: tuple[Sample, ...] = ()
+    stream: StreamInput | None = None
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    sample_budget: Budget = field(default_factory=Budget)
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,8 @@ class StatsReport:
 
 def count_chunk(task: StatsTask, progress: Progress) -> StatsReport:
     """Worker body: headers -> plans -> tallies for one chunk of inputs."""
+    if task.samples or task.stream is not None:
+        return _count_samples(task, progress)
     stats = tuple(ColumnStats() for _ in task.columns)
     lengths: list[dict[str, Any]] = []
     pending_images = pending_tokens = 0
@@ -241,7 +251,6 @@ def count_chunk(task: StatsTask, progress: Progress) -> StatsReport:
             per_column[column.label] = plan.num_tokens
             tokens_here += plan.num_tokens
         if task.emit:
-            width, height = planned_size(header, task.columns[0].strategy)
             lengths.append(
                 {
                     "source": source,
@@ -255,6 +264,87 @@ def count_chunk(task: StatsTask, progress: Progress) -> StatsReport:
         pending_images += 1
         pending_tokens += tokens_here
     progress(pending_images, pending_tokens)
+    return StatsReport(task.index, stats, tuple(lengths))
+
+
+def _image_header(ref: ImageRef, orientation: bool) -> Header:
+    if ref.data is not None:
+        return read_header(ref.data, png_orientation=orientation)
+    if ref.path is None:
+        raise ValueError("image has neither bytes nor a path")
+    if ref.path.startswith("data:") or is_url(ref.path):
+        try:
+            return read_header(read_bytes_url(ref.path), png_orientation=orientation)
+        except ImageError as e:
+            raise ValueError(str(e)) from None
+    return read_header(ref.path, png_orientation=orientation)
+
+
+def _column_budget(strategy: Strategy, budget: Budget) -> Budget:
+    """The per-sample budgets this column's strategy can honour (like strategy options, a budget applies
+    to the columns that have such a limit; `compute_stats` refuses one that applies to none)."""
+    rules = type(strategy).budget_rules
+    return Budget(
+        max_tiles=budget.max_tiles if "max_tiles" in rules else None,
+        max_tokens=budget.max_tokens if "max_tokens" in rules else None,
+    )
+
+
+def _count_samples(task: StatsTask, progress: Progress) -> StatsReport:
+    """Samples (manifests, tar shards, Parquet): per-image tallies, per-sample lengths.
+
+    Each image is planned under the strategy the sample's image count and budget call for, exactly as
+    `preprocess` does, so a multi-image sample counts what training will see.
+    """
+    stats = tuple(ColumnStats() for _ in task.columns)
+    lengths: list[dict[str, Any]] = []
+    samples: Iterable[Sample | Failure] = (
+        iter_stream(task.stream, task.sources) if task.stream is not None else task.samples
+    )
+    for sample in samples:
+        if isinstance(sample, Failure):
+            for s in stats:
+                s.fail(f"{sample.stage}: {_reason_class(sample.reason)}")
+            if task.emit:
+                lengths.append({"source": sample.source, "key": sample.key, "error": sample.reason})
+            progress(1, 0)
+            continue
+        try:
+            headers = [_image_header(ref, task.orientation) for ref in sample.images]
+        except ValueError as e:
+            for s in stats:
+                s.fail(f"header: {e}")
+            if task.emit:
+                lengths.append({"source": sample.source, "key": sample.key, "error": str(e)})
+            progress(1, 0)
+            continue
+        per_column: dict[str, int | None] = {}
+        for column, s in zip(task.columns, stats, strict=True):
+            budget = _column_budget(column.strategy, task.sample_budget)
+            try:
+                strategy = column.strategy.for_sample(
+                    max(len(headers), 1), max_tiles=budget.max_tiles, max_tokens=budget.max_tokens
+                )
+                plans = [strategy.plan(*planned_size(h, strategy)) for h in headers]
+            except ValueError as e:
+                s.fail(f"refused: {_reason_class(str(e))}")
+                per_column[column.label] = None
+                continue
+            for plan in plans:
+                s.add(plan.num_tokens, plan.num_tiles, int(np.prod(plan.shape)))
+            per_column[column.label] = sum(p.num_tokens for p in plans)
+        if task.emit:
+            lengths.append(
+                {
+                    "source": sample.source,
+                    "key": sample.key,
+                    "images": [
+                        {"width": h.width, "height": h.height, "orientation": h.orientation} for h in headers
+                    ],
+                    "num_tokens": per_column,
+                }
+            )
+        progress(1, sum(v for v in per_column.values() if v is not None))
     return StatsReport(task.index, stats, tuple(lengths))
 
 
@@ -300,24 +390,62 @@ def compute_stats(
     workers: int = 1,
     emit_lengths: bool = False,
     on_progress: Progress | None = None,
+    sources: SourceOptions | None = None,
+    sample_budget: Budget | None = None,
 ) -> StatsResult:
     """Token statistics for every image under `inputs`, for each column, from headers only."""
+    sources = sources or SourceOptions()
+    sample_budget = sample_budget or Budget()
     if not columns:
         raise VlmtileError("give at least one strategy")
     labels = [c.label for c in columns]
     if len(set(labels)) != len(labels):
         raise VlmtileError(f"column labels repeat: {', '.join(labels)}")
     orientation = any(c.strategy.exif_transpose for c in columns)
-    items = list_inputs(inputs)
-    if not items:
+    for name, value in (("max_tiles", sample_budget.max_tiles), ("max_tokens", sample_budget.max_tokens)):
+        if value is not None and not any(name in type(c.strategy).budget_rules for c in columns):
+            raise VlmtileError(
+                f"a per-sample {name.replace('_', ' ')} budget applies to none of the chosen strategies"
+            )
+    listing = list_samples(inputs, sources)
+    if not listing.samples and not listing.streams and not listing.failures:
         raise VlmtileError(f"no images found in {', '.join(inputs)}")
-    # About four chunks per worker for balance, never so small that starting a worker dominates; a
-    # folder that fits in one chunk is read inline (no worker start at all).
-    chunk = max(MIN_CHUNK, math.ceil(len(items) / (4 * workers)))
-    tasks = [
-        StatsTask(i, tuple(items[start : start + chunk]), tuple(columns), budget, emit_lengths, orientation)
-        for i, start in enumerate(range(0, len(items), chunk))
-    ]
+    tasks: list[StatsTask]
+    if listing.layout == "image":
+        items = [InputItem(source=s.images[0].path or s.source, key=s.key) for s in listing.samples]
+        # About four chunks per worker for balance, never so small that starting a worker dominates; a
+        # folder that fits in one chunk is read inline (no worker start at all).
+        chunk = max(MIN_CHUNK, math.ceil(len(items) / (4 * workers)))
+        tasks = [
+            StatsTask(
+                i, tuple(items[start : start + chunk]), tuple(columns), budget, emit_lengths, orientation
+            )
+            for i, start in enumerate(range(0, len(items), chunk))
+        ]
+    else:
+
+        def task(
+            index: int, samples: tuple[Sample, ...] = (), stream: StreamInput | None = None
+        ) -> StatsTask:
+            return StatsTask(
+                index,
+                (),
+                tuple(columns),
+                budget,
+                emit_lengths,
+                orientation,
+                samples=samples,
+                stream=stream,
+                sources=sources,
+                sample_budget=sample_budget,
+            )
+
+        chunk = max(MIN_CHUNK, math.ceil(len(listing.samples) / (4 * workers)))
+        tasks = [
+            task(i, samples=tuple(listing.samples[start : start + chunk]))
+            for i, start in enumerate(range(0, len(listing.samples), chunk))
+        ]
+        tasks += [task(len(tasks) + i, stream=stream) for i, stream in enumerate(listing.streams)]
     reports: list[StatsReport] = []
     for outcome in run_tasks(count_chunk, tasks, workers, on_progress):
         if outcome.result is None:
@@ -325,6 +453,9 @@ def compute_stats(
         reports.append(outcome.result)
     reports.sort(key=lambda r: r.index)
     stats = [sum((r.stats[i] for r in reports), start=ColumnStats()) for i in range(len(columns))]
+    for failure in listing.failures:  # manifest lines that are not samples
+        for column_stats in stats:
+            column_stats.fail(f"{failure.stage}: {_reason_class(failure.reason)}")
     lengths = [line for r in reports for line in r.lengths]
     return StatsResult(tuple(columns), stats, lengths, budget, tuple(inputs))
 

@@ -1,7 +1,9 @@
-"""The per-image work: decode -> prepare -> plan -> render -> encode, as a value (`Record` or `Failure`).
+"""The per-sample work: for each image decode -> prepare -> plan -> render -> encode; a value comes back.
 
 Nothing here knows about processes, shards or output formats, so it runs the same inline, in a pool
-worker or on a Ray task, and a bad image can never take a worker down: every failure is a value.
+worker or on a Ray task, and a bad image can never take a worker down: every failure is a value. A sample
+fails as a whole when any of its images fails, because a conversation whose `<image>` tags no longer match
+its images is worse for training than a missing sample (and the error record says which image and why).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from .decode import load_image
+from .decode import decode_image, read_bytes
 from .dtypes import encode_pixels
 from .errors import ImageError
+from .samples import Failure, ImageRef, Sample
 from .sources import InputItem, display_path
 from .strategies import Strategy
+from .streams import is_url, read_bytes_url
+
+__all__ = ["Budget", "Failure", "Record", "SampleRecord", "process_input", "process_sample"]
 
 
 @dataclass(frozen=True)
@@ -24,50 +30,112 @@ class Record:
 
     key: str
     source: str
-    pixels: np.ndarray
-    """The stored array (storage dtype, model layout)."""
+    pixels: np.ndarray | None
+    """The stored array (storage dtype, model layout); None in metadata-only runs."""
     metadata: dict[str, Any]
     """key, source, shape, dtype and the plan's metadata (JSON-able)."""
 
 
 @dataclass(frozen=True)
-class Failure:
-    """One input that produced no record, and why."""
+class SampleRecord:
+    """One processed sample: its images' records in order, plus everything else it carried."""
 
-    key: str
-    source: str
-    stage: str
-    """Where it failed: "read", "decode", "plan" or "render"."""
-    reason: str
+    sample: Sample
+    images: tuple[Record, ...]
 
-    def to_dict(self) -> dict[str, str]:
-        return {"source": self.source, "key": self.key, "stage": self.stage, "reason": self.reason}
+    @property
+    def key(self) -> str:
+        return self.sample.key
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(r.metadata["num_tokens"]) for r in self.images)
+
+    @property
+    def num_tiles(self) -> int:
+        return sum(int(r.metadata["num_tiles"]) for r in self.images)
+
+    @property
+    def pixel_bytes(self) -> int:
+        return sum(r.pixels.nbytes for r in self.images if r.pixels is not None)
 
 
-def process_input(item: InputItem, strategy: Strategy, dtype: str) -> Record | Failure:
-    """Everything that happens to one input image."""
-    source = display_path(item.source)
+@dataclass(frozen=True)
+class Budget:
+    """Optional per-sample limits, shared out over a sample's images by the strategy's own rule."""
+
+    max_tiles: int | None = None
+    max_tokens: int | None = None
+
+
+def _image_bytes(ref: ImageRef) -> bytes:
+    if ref.data is not None:
+        return ref.data
+    if ref.path is None:
+        raise ImageError("image has neither bytes nor a path")
+    if ref.path.startswith("data:") or is_url(ref.path):
+        return read_bytes_url(ref.path)
+    return read_bytes(ref.path)
+
+
+def process_image(
+    ref: ImageRef, key: str, strategy: Strategy, dtype: str, *, pixels: bool = True
+) -> Record | Failure:
+    """Everything that happens to one image; `key` and `ref.source` go into its metadata."""
+    source = ref.source
     try:
-        image = load_image(item.source)
+        image = decode_image(_image_bytes(ref))
     except ImageError as e:
-        return Failure(item.key, source, "decode", str(e))
+        return Failure(key, source, "decode", str(e))
     try:
         rgb = strategy.prepare(image)
     except (ValueError, OSError) as e:  # an exotic mode Pillow cannot convert, or a damaged EXIF block
-        return Failure(item.key, source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
+        return Failure(key, source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
     try:
         plan = strategy.plan(*rgb.size)
     except ValueError as e:
-        return Failure(item.key, source, "plan", f"refused by {strategy.name}: {e}")
-    try:
-        pixels = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
-    except (MemoryError, ValueError, OSError) as e:
-        return Failure(item.key, source, "render", f"{type(e).__name__}: {e}")
+        return Failure(key, source, "plan", f"refused by {strategy.name}: {e}")
+    stored = None
+    if pixels:
+        try:
+            stored = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
+        except (MemoryError, ValueError, OSError) as e:
+            return Failure(key, source, "render", f"{type(e).__name__}: {e}")
     metadata: dict[str, Any] = {
-        "key": item.key,
+        "key": key,
         "source": source,
-        "shape": list(pixels.shape),
+        "shape": list(stored.shape if stored is not None else plan.shape),
         "dtype": dtype,
         **plan.metadata(),
     }
-    return Record(item.key, source, pixels, metadata)
+    return Record(key, source, stored, metadata)
+
+
+def process_sample(
+    sample: Sample, strategy: Strategy, dtype: str, budget: Budget | None = None, *, pixels: bool = True
+) -> SampleRecord | Failure:
+    """Every image of a sample under the strategy the sample's image count and budget call for."""
+    budget = budget or Budget()
+    n = len(sample.images)
+    try:
+        per_image = strategy.for_sample(max(n, 1), max_tiles=budget.max_tiles, max_tokens=budget.max_tokens)
+    except ValueError as e:
+        return Failure(sample.key, sample.source, "plan", str(e))
+    records = []
+    for index, ref in enumerate(sample.images):
+        out = process_image(ref, sample.key, per_image, dtype, pixels=pixels)
+        if isinstance(out, Failure):
+            which = f"image {index + 1} of {n} ({ref.name}): " if n > 1 else ""
+            return Failure(sample.key, ref.source, out.stage, which + out.reason)
+        out.metadata["name"] = ref.name
+        records.append(out)
+    return SampleRecord(sample, tuple(records))
+
+
+def process_input(item: InputItem, strategy: Strategy, dtype: str) -> Record | Failure:
+    """One image file (the flat layout of plain image folders)."""
+    source = display_path(item.source)
+    out = process_image(ImageRef("image", source, path=item.source), item.key, strategy, dtype)
+    if isinstance(out, Record):
+        out.metadata.pop("name", None)
+    return out
