@@ -496,3 +496,41 @@ def test_cli_manifest_preprocess_and_stats(manifest_input: dict[str, Any], tmp_p
     none = runner.invoke(cli, ["stats", str(root / "llava.json"), "-s", "llava-next", *common])
     assert none.exit_code == 1
     assert "applies to none of the chosen strategies" in none.output
+
+
+def test_image_column_option_picks_the_column(tmp_path: Path, make_image: MakeImage) -> None:
+    """Two binary columns: the first is taken by default, --image-column picks the other."""
+    from click.testing import CliRunner
+
+    from vlmtile.cli import cli
+
+    small = png_bytes(make_image(30, 20, "RGB", 31))
+    large = png_bytes(make_image(900, 300, "RGB", 32))
+    pq.write_table(pa.table({"id": [1], "thumb": [small], "photo": [large]}), tmp_path / "d.parquet")
+    tokens = {}
+    for option in ([], ["--image-column", "photo"]):
+        out = tmp_path / ("picked" if option else "auto")
+        result = CliRunner().invoke(
+            cli, ["preprocess", str(tmp_path / "d.parquet"), "-o", str(out), "-s", "internvl", "-q", *option]
+        )
+        assert result.exit_code == 0, result.output
+        (record,) = vlmtile.open_dataset(out)
+        tokens[bool(option)] = record["num_tokens"]
+        assert record["key"] == "d_1"
+    # 30x20 is aspect 1.5: InternVL picks the 3x2 grid (6 tiles + thumbnail); 900x300: 3x1 + thumbnail.
+    assert tokens == {False: 7 * 256, True: 4 * 256}
+    missing = CliRunner().invoke(
+        cli,
+        [
+            "preprocess",
+            str(tmp_path / "d.parquet"),
+            "-o",
+            str(tmp_path / "m"),
+            "-s",
+            "internvl",
+            "--image-column",
+            "nope",
+        ],
+    )
+    assert missing.exit_code == 3
+    assert "no image column" in (tmp_path / "m" / "_errors.jsonl").read_text()

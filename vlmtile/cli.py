@@ -104,6 +104,8 @@ def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option(
                 "--image-field",
+                "--image-column",
+                "image_field",
                 default=None,
                 help="Manifest field / Parquet column with the image(s) [default: images, then image; "
                 "for Parquet also the first binary or {bytes, path} column].",
