@@ -237,23 +237,29 @@ def read_manifest(path: str, options: SourceOptions) -> Iterator[Sample | Failur
     stem = make_key(_stem(os.path.basename(path)).rsplit(".", 1)[0])
     root = options.image_root or os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.lower().endswith(".jsonl"):
-                rows: Iterable[tuple[int, Any]] = list(_jsonl_rows(f, shown))
-            else:
+        if path.lower().endswith(".jsonl"):
+            with open(path, "rb") as binary:  # decoded line by line: one bad byte costs one line
+                rows: Iterable[tuple[int, Any]] = list(_jsonl_rows(binary, shown))
+        else:
+            with open(path, encoding="utf-8-sig") as f:
                 try:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
                     raise VlmtileError(f"{shown}: not valid JSON: {e}") from None
-                if not isinstance(data, list):
-                    raise VlmtileError(f"{shown}: a JSON manifest must be a list of samples")
-                rows = enumerate(data, start=1)
+            if not isinstance(data, list):
+                raise VlmtileError(f"{shown}: a JSON manifest must be a list of samples")
+            rows = enumerate(data, start=1)
     except (OSError, UnicodeDecodeError) as e:
         raise VlmtileError(f"cannot read manifest {shown}: {e}") from None
     for number, row in rows:
         source = f"{shown}:{number}"
         if isinstance(row, json.JSONDecodeError):
             yield Failure(f"{stem}-{number:06d}", source, "list", f"not valid JSON: {row}")
+            continue
+        if isinstance(row, UnicodeDecodeError):
+            yield Failure(
+                f"{stem}-{number:06d}", source, "list", f"not UTF-8 text: byte {row.start + 1} of the line"
+            )
             continue
         if not isinstance(row, dict):
             yield Failure(f"{stem}-{number:06d}", source, "list", "not a JSON object")
@@ -269,8 +275,17 @@ def read_manifest(path: str, options: SourceOptions) -> Iterator[Sample | Failur
         yield Sample(key=key, source=source, images=images, fields=row, orig_key=orig_key)
 
 
-def _jsonl_rows(lines: Iterable[str], shown: str) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(lines, start=1):
+def _jsonl_rows(lines: Iterable[bytes], shown: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) per non-blank line; a line that is not JSON (or not UTF-8) gives its
+    exception as the value, so that it becomes one failure and the lines around it still count."""
+    for number, raw in enumerate(lines, start=1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte order mark (Windows editors): not part of the first sample
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield number, e
+            continue
         if not line.strip():
             continue
         try:

@@ -37,7 +37,9 @@ def _walk(root: str) -> Iterator[tuple[str, str, str]]:
     Directory symlinks are followed (once: a link back up the tree is not a loop), and the real path is
     resolved once per directory rather than once per file, which keeps listing a million files cheap.
     Anything that is not a directory is yielded, so a broken link or a FIFO becomes an error record later
-    instead of disappearing.
+    instead of disappearing. So is a directory named like an image (`x.jpg/`): where an image file was
+    expected there is none, which is worth an error record; it is walked as well, so that images inside
+    it are not lost.
     """
     pending = [(root, "", os.path.realpath(root))]
     visited: set[str] = set()
@@ -58,6 +60,8 @@ def _walk(root: str) -> Iterator[tuple[str, str, str]]:
             real = os.path.realpath(entry.path) if is_link else os.path.join(real_dir, entry.name)
             if entry.is_dir():
                 pending.append((entry.path, rel + os.sep, real))
+                if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                    yield entry.path, rel, real
             else:
                 yield entry.path, rel, real
 

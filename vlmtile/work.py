@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from .decode import decode_image, read_bytes
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, read_bytes
 from .dtypes import encode_pixels
 from .errors import ImageError
 from .samples import Failure, ImageRef, Sample
@@ -79,18 +80,32 @@ def _image_bytes(ref: ImageRef) -> bytes:
 
 
 def process_image(
-    ref: ImageRef, key: str, strategy: Strategy, dtype: str, *, pixels: bool = True
+    ref: ImageRef,
+    key: str,
+    strategy: Strategy,
+    dtype: str,
+    *,
+    pixels: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Record | Failure:
-    """Everything that happens to one image; `key` and `ref.source` go into its metadata."""
+    """Everything that happens to one image; `key` and `ref.source` go into its metadata.
+
+    Images above `max_pixels` (None: no limit) are refused from their header, before decoding.
+    """
     source = ref.source
     try:
-        image = decode_image(_image_bytes(ref))
+        image = decode_image(_image_bytes(ref), max_pixels)
     except ImageError as e:
         return Failure(key, source, "decode", str(e))
     try:
         rgb = strategy.prepare(image)
-    except (ValueError, OSError) as e:  # an exotic mode Pillow cannot convert, or a damaged EXIF block
+    except (ValueError, OSError, MemoryError, Image.DecompressionBombError) as e:
+        # An exotic mode Pillow cannot convert, a damaged EXIF block, or no memory for the copy.
         return Failure(key, source, "decode", f"cannot convert {image.mode} image to RGB: {e}")
+    except Exception as e:  # noqa: BLE001 - Pillow's EXIF parser on hostile bytes: this image's failure
+        return Failure(
+            key, source, "decode", f"cannot orient or convert {image.mode} image: {type(e).__name__}: {e}"
+        )
     try:
         plan = strategy.plan(*rgb.size)
     except ValueError as e:
@@ -99,7 +114,7 @@ def process_image(
     if pixels:
         try:
             stored = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
-        except (MemoryError, ValueError, OSError) as e:
+        except (MemoryError, ValueError, OSError, Image.DecompressionBombError) as e:
             return Failure(key, source, "render", f"{type(e).__name__}: {e}")
     metadata: dict[str, Any] = {
         "key": key,
@@ -112,9 +127,18 @@ def process_image(
 
 
 def process_sample(
-    sample: Sample, strategy: Strategy, dtype: str, budget: Budget | None = None, *, pixels: bool = True
+    sample: Sample,
+    strategy: Strategy,
+    dtype: str,
+    budget: Budget | None = None,
+    *,
+    pixels: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> SampleRecord | Failure:
-    """Every image of a sample under the strategy the sample's image count and budget call for."""
+    """Every image of a sample under the strategy the sample's image count and budget call for.
+
+    `max_pixels` is the decompression-bomb limit of every image (`decode_image`); None: no limit.
+    """
     budget = budget or Budget()
     n = len(sample.images)
     try:
@@ -123,7 +147,7 @@ def process_sample(
         return Failure(sample.key, sample.source, "plan", str(e))
     records = []
     for index, ref in enumerate(sample.images):
-        out = process_image(ref, sample.key, per_image, dtype, pixels=pixels)
+        out = process_image(ref, sample.key, per_image, dtype, pixels=pixels, max_pixels=max_pixels)
         if isinstance(out, Failure):
             which = f"image {index + 1} of {n} ({ref.name}): " if n > 1 else ""
             return Failure(sample.key, ref.source, out.stage, which + out.reason)
@@ -132,10 +156,13 @@ def process_sample(
     return SampleRecord(sample, tuple(records))
 
 
-def process_input(item: InputItem, strategy: Strategy, dtype: str) -> Record | Failure:
+def process_input(
+    item: InputItem, strategy: Strategy, dtype: str, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Record | Failure:
     """One image file (the flat layout of plain image folders)."""
     source = display_path(item.source)
-    out = process_image(ImageRef("image", source, path=item.source), item.key, strategy, dtype)
+    ref = ImageRef("image", source, path=item.source)
+    out = process_image(ref, item.key, strategy, dtype, max_pixels=max_pixels)
     if isinstance(out, Record):
         out.metadata.pop("name", None)
     return out
