@@ -251,10 +251,8 @@ def test_manifest_contents(tree: Path, tmp_path: Path) -> None:
         # The task's completion record agrees with the manifest (one file per task here).
         record = json.loads((out / "_shards" / f"task-{i:06d}.json").read_text())
         (written,) = record["files"]
-        assert written["name"] == f".part-{i:06d}-0000.parquet"
-        assert {k: v for k, v in written.items() if k != "name"} == {
-            k: v for k, v in shard.items() if k != "name"
-        }
+        assert written["part"] == f".part-{i:06d}-0000.parquet"  # its name before finalizing
+        assert {k: v for k, v in written.items() if k != "part"} == shard
         assert (record["inputs"], record["records"], record["failures"]) == (
             shard["records"],
             shard["records"],
@@ -295,6 +293,9 @@ def test_no_temporary_files_after_success(tree: Path, tmp_path: Path) -> None:
             "_errors.jsonl",
             *(["_index.wids.json"] if fmt == "webdataset" else []),
             "_manifest.json",
+            "_plan.jsonl",
+            "_plan.lock",
+            "_run.json",
             "_shards",
             f"shard-000000{suffix}",
             f"shard-000001{suffix}",
@@ -407,17 +408,23 @@ def test_refused_image_is_fine_for_another_strategy(mixed: dict[str, Path], tmp_
 # -- refusals -----------------------------------------------------------------------------------------
 
 
-def test_refuses_previous_output_unless_overwrite(tree: Path, tmp_path: Path) -> None:
+def test_rerun_resumes_other_settings_refused_overwrite_starts_again(tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = run(*preprocess_args(tree, out, "-q", "-s", "internvl", "--shard-size", "3"))
     assert first.exit_code == 0, first.output
     (out / "keep_me.txt").write_text("user file\n")
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    again = run(*preprocess_args(tree, out, "-q", "-s", "internvl"))
-    assert again.exit_code == 1
-    assert "already holds vlmtile output" in again.stderr
-    assert "--overwrite" in again.stderr
+    shards = {k: v for k, v in before.items() if k.startswith("shard-")}
+    again = run(*preprocess_args(tree, out, "-q", "-s", "internvl", "--shard-size", "3"))
+    assert again.exit_code == 0, again.output  # the same command resumes: nothing left to do
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith("shard-")} == shards
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = run(*preprocess_args(tree, out, "-q", "-s", "internvl", "--format", "webdataset"))
+    assert other.exit_code == 1
+    assert "other settings (format: was 'parquet', now 'webdataset'" in other.stderr
+    assert "--overwrite" in other.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
 
     replaced = run(
@@ -430,6 +437,9 @@ def test_refuses_previous_output_unless_overwrite(tree: Path, tmp_path: Path) ->
         "_errors.jsonl",
         "_index.wids.json",
         "_manifest.json",
+        "_plan.jsonl",
+        "_plan.lock",
+        "_run.json",
         "_shards",
         "keep_me.txt",
         "shard-000000.tar",

@@ -89,17 +89,20 @@ def test_summary_matches_manifest(folder: Path, tmp_path: Path) -> None:
     assert summary.line().startswith("vlmtile: 4 images, 0 failures, 1,024 tokens, ")
 
 
-def test_leftover_temporary_file_counts_as_previous_output(folder: Path, tmp_path: Path) -> None:
-    """A killed run leaves `.shard-*.tmp-PID`: refused like any vlmtile output, removed by overwrite."""
+def test_leftovers_of_a_killed_task_are_removed_and_the_task_redone(folder: Path, tmp_path: Path) -> None:
+    """A task killed mid-write leaves hidden part / temporary files and no completion record."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / ".shard-00000.parquet.tmp-12345").write_bytes(b"half a shard")
+    vlmtile.preprocess(config(folder, out, shard_size=2))
+    (out / "_shards" / "task-000001.json").unlink()  # as if task 1 had been killed ...
+    (out / "shard-000001.parquet").rename(out / ".part-000001-0000.parquet")  # ... before finalizing
+    (out / "..part-000001-0001.parquet.tmp-12345").write_bytes(b"half a shard")
+    (out / "..part-000042-0000.parquet.tmp-999").write_bytes(b"a task no plan knows")
     (out / "unrelated.txt").write_text("mine\n")
-    with pytest.raises(vlmtile.VlmtileError, match="already holds vlmtile output"):
-        vlmtile.preprocess(config(folder, out))
-    vlmtile.preprocess(config(folder, out, overwrite=True))
+    summary = vlmtile.preprocess(config(folder, out, shard_size=2))
+    assert (summary.records, summary.shards, summary.complete) == (4, 2, True)
     assert leftover_temp_files(out) == []
     assert (out / "unrelated.txt").read_text() == "mine\n"
+    assert [r["key"] for r in vlmtile.open_dataset(out)] == [f"img{i}_png" for i in range(4)]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])

@@ -219,9 +219,10 @@ def test_tar_members_follow_source_order_when_paths_and_keys_sort_differently(
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
-def test_disk_full_mid_shard_loses_only_that_shard(
+def test_disk_full_mid_shard_stops_the_run_and_the_rerun_finishes(
     folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
+    """A full disk is nobody's input's fault: no error lines, no half shard marked done, a clear stop."""
     sink_cls = sinks.SINKS[fmt]
     real_write = sink_cls.write
     failing_shard = f".part-000001-0000{sink_cls.suffix}"  # task 1's first file
@@ -237,35 +238,25 @@ def test_disk_full_mid_shard_loses_only_that_shard(
 
     monkeypatch.setattr(sink_cls, "write", write)
     out = tmp_path / "out"
-    summary = vlmtile.preprocess(config(folder, out, format=fmt, dtype="uint8", shard_size=2))
-
+    with pytest.raises(vlmtile.RunStopped, match="disk full while writing task 1") as stopped:
+        vlmtile.preprocess(config(folder, out, format=fmt, dtype="uint8", shard_size=2))
     assert calls.count(failing_shard) == 2  # the failure happened on the shard's second record
-    assert (summary.inputs, summary.records, summary.failures, summary.shards) == (6, 4, 2, 2)
+    summary = stopped.value.summary
+    assert isinstance(summary, vlmtile.RunSummary)
+    assert (summary.records, summary.failures, summary.shards, summary.complete) == (2, 0, 1, False)
     assert not (out / failing_shard).exists()
     assert leftover_temp_files(out) == []
     assert not (out / "_shards" / "task-000001.json").exists()
+    assert read_errors(out) == []
 
-    errors = read_errors(out)
-    assert [e["source"] for e in errors] == [str(folder / "img02.png"), str(folder / "img03.png")]
-    for error in errors:
-        assert error["stage"] == "write"
-        assert "No space left on device" in error["reason"]
-        assert error["reason"].startswith("task 1 (")
-
+    monkeypatch.setattr(sink_cls, "write", real_write)  # space was freed
+    again = vlmtile.preprocess(config(folder, out, format=fmt, dtype="uint8", shard_size=2))
+    assert (again.inputs, again.records, again.failures, again.shards) == (6, 6, 0, 3)
     manifest = read_manifest(out)
-    assert [s["name"] for s in manifest["shards"]] == [
-        f"shard-000000{sink_cls.suffix}",  # task 0
-        f"shard-000001{sink_cls.suffix}",  # task 2: names stay contiguous
-    ]
+    assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}{sink_cls.suffix}" for i in range(3)]
     for shard in manifest["shards"]:
         assert shard["sha256"] == sha256(out / shard["name"])
-    assert manifest["totals"]["records"] + manifest["totals"]["failures"] == manifest["totals"]["inputs"] == 6
-    assert [r["key"] for r in vlmtile.open_dataset(out)] == [
-        "img00_png",
-        "img01_png",
-        "img04_png",
-        "img05_png",
-    ]
+    assert [r["key"] for r in vlmtile.open_dataset(out)] == [f"img{i:02d}_png" for i in range(6)]
 
 
 def test_failure_in_commit_leaves_no_file(
@@ -287,6 +278,9 @@ def test_failure_in_commit_leaves_no_file(
         "_errors.jsonl",
         "_index.wids.json",
         "_manifest.json",
+        "_plan.jsonl",
+        "_plan.lock",
+        "_run.json",
         "_shards",
         "shard-000000.tar",
     ]

@@ -8,7 +8,7 @@ implementation module.
 __version__ = "0.1.0"
 
 from .dataset import Dataset, open_dataset
-from .errors import ImageError, VlmtileError
+from .errors import ImageError, RunStopped, VlmtileError
 from .runner import RunConfig, RunSummary, preprocess
 from .samples import SourceOptions
 from .strategies import Plan, Result, Strategy, get_strategy, list_strategies
@@ -21,6 +21,7 @@ __all__ = [
     "Plan",
     "Result",
     "RunConfig",
+    "RunStopped",
     "RunSummary",
     "SourceOptions",
     "Strategy",

@@ -16,14 +16,15 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from .decode import load_image
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .dtypes import STORAGE_DTYPES
-from .errors import ImageError, VlmtileError
+from .errors import ImageError, RunStopped, VlmtileError
+from .ledger import ERRORS
 from .runner import (
     DEFAULT_PREFIX,
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SIZE,
-    ERRORS,
+    DEFAULT_TASK_TIMEOUT,
     RunConfig,
     available_cpus,
     preprocess,
@@ -42,9 +43,11 @@ from .stats import (
 from .strategies import describe, get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
 from .streams import is_url
+from .verify import verify
 from .visualize import inspect_image
 from .work import Budget
 
+EXIT_FATAL = 1
 EXIT_FAILURES = 3
 """Exit status when the run finished but some inputs are in the error record."""
 
@@ -199,7 +202,40 @@ def _budget(options: dict[str, Any]) -> Budget:
     help="Metadata only: plans, token counts, grids and sample fields; no arrays.",
 )
 @source_options
-@click.option("--overwrite", is_flag=True, help="Replace vlmtile output already in the output directory.")
+@click.option(
+    "--overwrite", is_flag=True, help="Start again: remove vlmtile output already in the output directory."
+)
+@click.option("--retry-failed", is_flag=True, help="Process the inputs in _errors.jsonl again.")
+@click.option(
+    "--max-errors",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Stop the run once more inputs than this have failed (what is done is kept).",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MAX_IMAGE_PIXELS,
+    show_default=True,
+    help="Refuse images with more pixels (decompression bombs) before decoding them; 0: no limit.",
+)
+@click.option(
+    "--rank", type=click.IntRange(min=0), default=0, show_default=True, help="This machine's share (0-based)."
+)
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Machines sharing the output directory; each runs the tasks with index % world-size == rank.",
+)
+@click.option(
+    "--task-timeout",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_TASK_TIMEOUT,
+    show_default=True,
+    help="Seconds a worker may go without finishing an input before its task is killed and retried.",
+)
 @click.option(
     "-q", "--quiet", is_flag=True, help="No progress bar and no summary unless inputs failed (for cron)."
 )
@@ -216,10 +252,22 @@ def preprocess_cmd(
     prefix: str,
     no_pixels: bool,
     overwrite: bool,
+    retry_failed: bool,
+    max_errors: int | None,
+    max_image_pixels: int,
+    rank: int,
+    world_size: int,
+    task_timeout: float,
     quiet: bool,
     **options: Any,
 ) -> None:
     """Tile INPUTS into Parquet or WebDataset shards.
+
+    Running the same command again on the same OUTPUT resumes an interrupted run and processes only
+    inputs that are new since the last run (the cron use case); different settings are refused.
+
+    Exit status: 0 done; 3 done, but some inputs failed (see OUTPUT/_errors.jsonl); 1 fatal error or
+    stopped early (interrupted, disk full, --max-errors; run again to continue); 2 bad command line.
 
     INPUTS are image files and folders (walked recursively), WebDataset tar shards (local, folders of
     them, brace patterns, pipe: commands, s3:// gs:// https:// ... with vlmtile[remote]), LLaVA / ms-swift
@@ -251,11 +299,21 @@ def preprocess_cmd(
             sources=sources,
             overwrite=overwrite,
             progress=not quiet,
+            retry_failed=retry_failed,
+            max_errors=max_errors,
+            max_image_pixels=max_image_pixels or None,
+            rank=rank,
+            world_size=world_size,
+            task_timeout=task_timeout,
         )
     except VlmtileError as e:  # settings that do not go together: a usage error (exit 2)
         raise click.UsageError(str(e)) from None
     try:
         summary = preprocess(config)
+    except RunStopped as e:
+        click.echo(f"vlmtile: {e}", err=True)
+        click.echo("vlmtile: run the same command again to continue", err=True)
+        sys.exit(EXIT_FATAL)
     except VlmtileError as e:
         raise click.ClickException(str(e)) from None
     if not quiet:
@@ -270,6 +328,29 @@ def preprocess_cmd(
 
 
 preprocess_cmd.name = "preprocess"
+
+
+@cli.command("verify", context_settings=CONTEXT)
+@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.option("--quick", is_flag=True, help="Skip the checksums (sizes, record counts and accounting only).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing when everything is in order.")
+def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
+    """Check that OUTPUT is complete and intact: every shard in the manifest is there, has its recorded
+    size, checksum and record count, and records + error lines = inputs. Exit status 1 on any problem.
+
+    \b
+    Example (after the cron job):
+      vlmtile preprocess /data/incoming -o /data/tiles -s internvl -q && vlmtile verify /data/tiles -q
+    """
+    report = verify(output, checksums=not quick)
+    for problem in report.problems:
+        click.echo(f"vlmtile verify: {problem}", err=True)
+    if not quiet or not report.ok:
+        for warning in report.warnings:
+            click.echo(f"vlmtile verify: warning: {warning}", err=True)
+        click.echo(report.line(), err=not report.ok)
+    if not report.ok:
+        sys.exit(EXIT_FATAL)
 
 
 def _convert(value: str, f: dataclasses.Field[Any]) -> Any:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .dtypes import decode_pixels, numpy_dtype
 from .errors import VlmtileError
-from .runner import MANIFEST
+from .ledger import MANIFEST
 from .samples import members_as_json
 from .strategies import Strategy, get_preset, get_strategy
 from .strategies.base import tunable_fields

@@ -7,8 +7,6 @@ in `_shards/`; the manifest and the error record are written last, by the parent
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,18 +20,51 @@ from typing import Any
 from tqdm import tqdm
 
 from . import __version__
+from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .dtypes import STORAGE_DTYPES
-from .errors import VlmtileError
-from .executors import Progress, TaskFailed, WorkerDied, run_tasks
-from .samples import Failure, Sample, SourceOptions, StreamInput, iter_stream, list_samples
+from .errors import RunStopped, VlmtileError
+from .executors import Interrupted, Progress, StopFlag, TaskFailed, WorkerDied, handle_signals, run_tasks
+from .ledger import (
+    ERRORS,
+    MANIFEST,
+    PLAN_FILE,
+    PLAN_LOCK,
+    RUN_FILE,
+    TASK_RECORDS,
+    WIDS_INDEX,
+    Plan,
+    PlannedTask,
+    check_settings,
+    config_hash,
+    current_errors,
+    failed_inputs,
+    finalize,
+    is_enospc,
+    load_record,
+    plan_lock,
+    record_path,
+    remove_orphans,
+    remove_partial,
+    run_lock,
+    write_json_atomic,
+)
+from .samples import (
+    Failure,
+    ImageRef,
+    Listing,
+    Sample,
+    SourceOptions,
+    StreamInput,
+    input_kind,
+    iter_stream,
+    list_samples,
+)
 from .sinks import SINKS, ShardFile, ShardSink
+from .sources import make_key
 from .strategies import Strategy
 from .work import Budget, SampleRecord, process_sample
 
-MANIFEST = "_manifest.json"
-ERRORS = "_errors.jsonl"
-SHARD_RECORDS = "_shards"
-WIDS_INDEX = "_index.wids.json"
+SHARD_RECORDS = TASK_RECORDS
 FORMAT_VERSION = 2
 DEFAULT_SHARD_SIZE = 64
 """Samples per task (listed inputs): ~1 GB of float16 InternVL tiles at 12 MP, and enough tasks to keep
@@ -41,6 +72,8 @@ workers busy. Tar shards and Parquet files are one task each."""
 DEFAULT_SHARD_BYTES = 1 << 30
 """Largest output file: a task whose output grows past this continues in a new file."""
 DEFAULT_PREFIX = "shard"
+DEFAULT_TASK_TIMEOUT = 600.0
+"""A worker silent this long on one input is hung (a 12 MP image takes well under a second)."""
 
 
 def available_cpus() -> int:
@@ -69,6 +102,19 @@ class RunConfig:
     sources: SourceOptions = field(default_factory=SourceOptions)
     overwrite: bool = False
     progress: bool = True
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    """Refuse images above this many pixels (decompression bombs) before decoding them; None: no limit."""
+    retry_failed: bool = False
+    """Plan the inputs in the error record again (they may have failed for a transient reason)."""
+    max_errors: int | None = None
+    """Stop the run once more inputs than this have failed in it (what is done is kept)."""
+    rank: int = 0
+    world_size: int = 1
+    """Run only the tasks with index % world_size == rank (several machines on one output directory)."""
+    task_timeout: float | None = DEFAULT_TASK_TIMEOUT
+    """Seconds a worker may go without finishing an input before its task is killed and retried."""
+    task_retries: int = 1
+    """How often a task whose worker died or hung is started again before its inputs become errors."""
 
     def __post_init__(self) -> None:
         if self.format not in SINKS:
@@ -79,6 +125,12 @@ class RunConfig:
             raise VlmtileError(f"shard size must be at least 1, got {self.shard_size}")
         if self.workers < 1:
             raise VlmtileError(f"workers must be at least 1, got {self.workers}")
+        if not 0 <= self.rank < self.world_size:
+            raise VlmtileError(
+                f"--rank must be in [0, --world-size); got rank {self.rank} of {self.world_size}"
+            )
+        if self.max_errors is not None and self.max_errors < 0:
+            raise VlmtileError(f"--max-errors must be at least 0, got {self.max_errors}")
         if self.shard_bytes < 1:
             raise VlmtileError(f"shard bytes must be at least 1, got {self.shard_bytes}")
         if not self.prefix or not all(c.isalnum() or c in "-_" for c in self.prefix):
@@ -155,7 +207,7 @@ class ShardReport:
         return {
             "index": self.index,
             "files": [
-                {"name": f.name, **counts, "bytes": f.bytes, "sha256": f.sha256} for f, counts in self.files
+                {"part": f.name, **counts, "bytes": f.bytes, "sha256": f.sha256} for f, counts in self.files
             ],
             "inputs": self.inputs,
             "records": self.records,
@@ -178,28 +230,17 @@ class RunSummary:
     shards: int
     seconds: float
     layout: str = "image"
+    complete: bool = True
+    """False while planned tasks remain (an interrupted run, or other ranks still working)."""
 
     def line(self) -> str:
         unit = "samples" if self.layout == "sample" else "images"
+        state = "" if self.complete else " [incomplete: run again to finish]"
         return (
             f"vlmtile: {self.records:,} {unit}, {self.failures:,} failures, {self.tokens:,} tokens, "
             f"{self.bytes / 1e6:,.1f} MB in {self.shards} shard{'s' if self.shards != 1 else ''} -> "
-            f"{self.output} ({self.seconds:.1f} s)"
+            f"{self.output} ({self.seconds:.1f} s){state}"
         )
-
-
-def _write_json_atomic(path: str, data: Any, *, lines: bool = False) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if lines:
-            for row in data:
-                f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-        else:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def part_name(index: int, part: int, suffix: str) -> str:
@@ -263,18 +304,29 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     """Worker entry point: process this task's samples, write its files and its completion record."""
     config = task.config
     failures: list[Failure] = []
+    failed_inputs: list[str | None] = []
     inputs = records = tokens = tiles = 0
     writer = _RotatingWriter(task)
     try:
         for sample in _task_samples(task):
             inputs += 1
+            identity = sample.source if task.stream is None else None
             if isinstance(sample, Failure):
                 failures.append(sample)
+                failed_inputs.append(identity)
                 progress(1, 0)
                 continue
-            out = process_sample(sample, config.strategy, config.dtype, config.budget, pixels=config.pixels)
+            out = process_sample(
+                sample,
+                config.strategy,
+                config.dtype,
+                config.budget,
+                pixels=config.pixels,
+                max_pixels=config.max_image_pixels,
+            )
             if isinstance(out, Failure):
                 failures.append(out)
+                failed_inputs.append(identity)
                 progress(1, 0)
                 continue
             writer.write(out)
@@ -287,14 +339,16 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
         writer.abort()
         raise
     report = ShardReport(task.index, tuple(writer.files), inputs, records, tokens, tiles, tuple(failures))
-    _write_json_atomic(
-        os.path.join(task.output, SHARD_RECORDS, f"task-{task.index:06d}.json"),
-        {**report.to_dict(), "errors": [f.to_dict() for f in failures]},
-    )
+    errors = [
+        {**f.to_dict(), **({"input": i} if i is not None else {})}
+        for f, i in zip(failures, failed_inputs, strict=True)
+    ]
+    write_json_atomic(record_path(task.output, task.index), {**report.to_dict(), "errors": errors})
     return report
 
 
 _SHARD_NAME = re.compile(r"^\.?[\w-]+-\d{5,6}\.(parquet|tar)(\.tmp-\d+)?$")
+_OURS = (MANIFEST, ERRORS, SHARD_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_LOCK)
 
 
 def _existing_output(output: str) -> list[str]:
@@ -302,103 +356,95 @@ def _existing_output(output: str) -> list[str]:
         return []
     ours = []
     for name in os.listdir(output):
-        if (
-            name in (MANIFEST, ERRORS, SHARD_RECORDS)
-            or name == WIDS_INDEX
-            or (_SHARD_NAME.match(name) is not None)
-            or name.startswith(".part-")
-        ):
+        if name in _OURS or _SHARD_NAME.match(name) is not None or name.startswith((".part-", "..part-")):
             ours.append(name)
     return sorted(ours)
 
 
 def _prepare_output(config: RunConfig) -> None:
+    """Create OUT; with --overwrite, remove everything vlmtile wrote there before (and nothing else)."""
     if os.path.exists(config.output) and not os.path.isdir(config.output):
         raise VlmtileError(f"output {config.output} exists and is not a directory")
-    existing = _existing_output(config.output)
-    if existing and not config.overwrite:
+    if config.overwrite:
+        for name in _existing_output(config.output):
+            path = os.path.join(config.output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+    elif os.path.exists(os.path.join(config.output, MANIFEST)) and not os.path.exists(
+        os.path.join(config.output, RUN_FILE)
+    ):
         raise VlmtileError(
-            f"output directory {config.output} already holds vlmtile output ({', '.join(existing[:3])}"
-            f"{', ...' if len(existing) > 3 else ''}); choose another directory or pass --overwrite"
+            f"output directory {config.output} holds output of an older vlmtile (no {RUN_FILE}) that cannot "
+            "be resumed; choose another directory or pass --overwrite"
         )
-    for name in existing:
-        path = os.path.join(config.output, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    os.makedirs(os.path.join(config.output, SHARD_RECORDS), exist_ok=True)
+    os.makedirs(config.output, exist_ok=True)
 
 
-def config_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def _shard_task(
+    planned: PlannedTask,
+    by_source: dict[str, Sample],
+    streams: dict[str, StreamInput],
+    config: RunConfig,
+    layout: str,
+    file_metadata: dict[str, Any],
+) -> ShardTask:
+    """The executable task for a planned one, from this run's listing."""
+    if planned.stream is not None:
+        stream = streams.get(planned.stream)
+        if stream is None:  # planned by an earlier run, not among this run's inputs
+            stream = StreamInput(
+                kind=input_kind(planned.stream), url=planned.stream, key=_gone_key(planned.stream)
+            )
+        return ShardTask(planned.index, (), stream, config.output, config, layout, file_metadata)
+    samples = tuple(by_source.get(source) or _gone(source) for source in planned.sources)
+    return ShardTask(planned.index, samples, None, config.output, config, layout, file_metadata)
 
 
-def plan_shards(
-    samples: list[Sample], streams: list[StreamInput], config: RunConfig, layout: str
-) -> list[ShardTask]:
-    """Cut the listed samples into consecutive tasks of `shard_size`; one more task per stream."""
-    file_metadata = {"vlmtile_version": __version__, "layout": layout, **config.settings()}
-    tasks = [
-        ShardTask(
-            i,
-            tuple(samples[start : start + config.shard_size]),
-            None,
-            config.output,
-            config,
-            layout,
-            file_metadata,
-        )
-        for i, start in enumerate(range(0, len(samples), config.shard_size))
-    ]
-    tasks += [
-        ShardTask(len(tasks) + i, (), stream, config.output, config, layout, file_metadata)
-        for i, stream in enumerate(streams)
-    ]
-    return tasks
+def _gone_key(source: str) -> str:
+    return make_key(os.path.basename(source)) or "input"
 
 
-def _failed_shard(task: ShardTask, error: BaseException, pid: int | None) -> ShardReport:
-    """A task whose worker raised or died: its inputs go to the error record, its partial files away.
+def _gone(source: str) -> Sample:
+    """An input planned by an earlier run that this run's listing no longer has: it fails when read."""
+    return Sample(key=_gone_key(source), source=source, images=(ImageRef("image", source, path=source),))
 
-    A worker that died could not remove its files; the parent knows the task's names and the pid.
+
+def _task_failed(task: ShardTask, error: BaseException) -> None:
+    """A task whose worker raised or died (after its retries): its inputs become error lines.
+
+    Its partial files are removed and a completion record lists every input as failed, so the run
+    accounts for them and `--retry-failed` can try them again later.
     """
-    for name in os.listdir(task.output):
-        if name.startswith((f".part-{task.index:06d}-", f"..part-{task.index:06d}-")):
-            os.unlink(os.path.join(task.output, name))
+    remove_partial(task.output, task.index)
     detail = str(error) if isinstance(error, TaskFailed | WorkerDied) else f"{type(error).__name__}: {error}"
     reason = f"task {task.index} ({task.source}) was not written: {detail}"
     if task.stream is not None:
-        failures: tuple[Failure, ...] = (Failure(task.stream.key, task.stream.source, "write", reason),)
+        errors = [Failure(task.stream.key, task.stream.source, "write", reason).to_dict()]
+        inputs = 1
     else:
-        failures = tuple(Failure(s.key, s.source, "write", reason) for s in task.samples)
-    return ShardReport(task.index, (), len(failures), 0, 0, 0, failures)
+        errors = [
+            {**Failure(s.key, s.source, "write", reason).to_dict(), "input": s.source} for s in task.samples
+        ]
+        inputs = len(task.samples)
+    record = {
+        "index": task.index,
+        "files": [],
+        "inputs": inputs,
+        "records": 0,
+        "failures": len(errors),
+        "tokens": 0,
+        "tiles": 0,
+        "errors": errors,
+        "stream_failed": task.stream is not None,
+    }
+    write_json_atomic(record_path(task.output, task.index), record)
 
 
-def _finalize_names(reports: list[ShardReport], config: RunConfig) -> list[dict[str, Any]]:
-    """Give every task's files their final, contiguous names `PREFIX-000000.ext`, in task order.
-
-    Names are assigned only once every task has finished, so they depend on the inputs and settings alone,
-    never on which worker finished first.
-    """
-    suffix = SINKS[config.format].suffix
-    shards: list[dict[str, Any]] = []
-    for report in reports:
-        for shard_file, counts in report.files:
-            name = f"{config.prefix}-{len(shards):06d}{suffix}"
-            os.replace(os.path.join(config.output, shard_file.name), os.path.join(config.output, name))
-            shards.append({"name": name, **counts, "bytes": shard_file.bytes, "sha256": shard_file.sha256})
-    if shards:
-        _fsync_dir(config.output)
-    return shards
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _is_disk_full(error: BaseException) -> bool:
+    text = str(error)
+    return is_enospc(error) or "[Errno 28]" in text or "[Errno 122]" in text
 
 
 def shard_pattern(prefix: str, count: int, suffix: str) -> str | None:
@@ -411,19 +457,58 @@ def shard_pattern(prefix: str, count: int, suffix: str) -> str | None:
 
 
 def preprocess(config: RunConfig) -> RunSummary:
-    """Run the whole job; returns the summary. Raises `VlmtileError` for problems the user must fix."""
+    """Run (or resume, or extend) the job; returns the summary.
+
+    Raises `VlmtileError` for problems the user must fix, and `RunStopped` (a VlmtileError) when the run
+    was interrupted, ran out of disk or passed --max-errors: what finished is kept and the next run of the
+    same command continues from there.
+    """
     started = time.perf_counter()
-    listing = list_samples(config.inputs, config.sources)
+    listing = list_samples(config.inputs, config.sources)  # before touching OUT: bad inputs change nothing
     if not listing.samples and not listing.streams and not listing.failures:
         raise VlmtileError(f"no images found in {', '.join(config.inputs)}")
-    _prepare_output(config)
-    tasks = plan_shards(listing.samples, listing.streams, config, listing.layout)
+    try:
+        _prepare_output(config)
+    except OSError as e:  # a read-only or missing parent, a full disk: say so, in one line
+        raise VlmtileError(f"cannot write to {config.output}: {e.strerror or e}") from None
+    lock_name = "_lock" if config.world_size == 1 else f"_lock.rank-{config.rank}"
+    with run_lock(config.output, lock_name):
+        settings = config.settings()
+        check_settings(config.output, settings, __version__)
+        os.makedirs(os.path.join(config.output, SHARD_RECORDS), exist_ok=True)
+        by_source = {s.source: s for s in listing.samples}
+        streams = {s.source: s for s in listing.streams}
+        with plan_lock(config.output):
+            plan = Plan.load(config.output)
+            retry = failed_inputs(config.output, plan) if config.retry_failed else set()
+            plan.extend([s.source for s in listing.samples], list(streams), config.shard_size, skip=retry)
+            plan.save(config.output)
+        file_metadata = {"vlmtile_version": __version__, "layout": listing.layout, **settings}
+        todo = [
+            _shard_task(t, by_source, streams, config, listing.layout, file_metadata)
+            for t in plan.tasks
+            if t.index % config.world_size == config.rank and load_record(config.output, t.index) is None
+        ]
+        for task in todo:  # what a killed attempt left behind
+            remove_partial(config.output, task.index)
+        if config.world_size == 1:
+            remove_orphans(config.output, {t.index for t in plan.tasks})
+        stopped = _run(todo, config, listing.layout)
+        with plan_lock(config.output):
+            plan = Plan.load(config.output)
+            summary = _write_results(config, plan, listing, started)
+    if stopped is not None:
+        raise RunStopped(f"{stopped}; {summary.line()}", summary)
+    return summary
 
+
+def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
+    """Execute the tasks; None when all ran, else why the run stopped early (the rest waits for a rerun)."""
     show = config.progress and sys.stderr.isatty()
-    total = len(listing.samples) if not listing.streams else None
+    total = sum(len(t.samples) for t in tasks) if all(t.stream is None for t in tasks) else None
     bar = tqdm(
         total=total,
-        unit="sample" if listing.layout == "sample" else "img",
+        unit="sample" if layout == "sample" else "img",
         disable=not show,
         dynamic_ncols=True,
         leave=False,
@@ -436,30 +521,63 @@ def preprocess(config: RunConfig) -> RunSummary:
         bar.set_postfix_str(f"{seen_tokens:,} tokens", refresh=False)
         bar.update(images)
 
-    reports: list[ShardReport] = []
+    stop = StopFlag()
+    reason: str | None = None
+    failures = 0
+
+    def cleanup(task: ShardTask, pid: int | None) -> None:
+        remove_partial(task.output, task.index)
+
     try:
-        for outcome in run_tasks(process_shard, tasks, config.workers, on_progress):
-            if outcome.error is not None or outcome.result is None:
-                error = outcome.error or RuntimeError("no result")
-                reports.append(_failed_shard(outcome.task, error, outcome.pid))
-            else:
-                reports.append(outcome.result)
+        with handle_signals(stop):
+            for outcome in run_tasks(
+                process_shard,
+                tasks,
+                config.workers,
+                on_progress,
+                stop=stop,
+                timeout=config.task_timeout,
+                retries=config.task_retries,
+                on_retry=cleanup,
+            ):
+                error = outcome.error
+                if error is None and outcome.result is not None:
+                    failures += len(outcome.result.failures)
+                elif isinstance(error, Interrupted):
+                    remove_partial(config.output, outcome.task.index)
+                    reason = reason or "interrupted"
+                    continue
+                elif error is not None and _is_disk_full(error):
+                    remove_partial(config.output, outcome.task.index)
+                    if reason is None:
+                        reason = f"disk full while writing task {outcome.task.index}: {error}"
+                    stop.set()
+                    continue
+                else:
+                    _task_failed(outcome.task, error or RuntimeError("no result"))
+                    failures += len(outcome.task.samples) or 1
+                if config.max_errors is not None and failures > config.max_errors and reason is None:
+                    reason = f"stopped after {failures} failed inputs (--max-errors {config.max_errors})"
+                    stop.set()
     finally:
         bar.close()
-    reports.sort(key=lambda r: r.index)
-    shards = _finalize_names(reports, config)
+    if reason == "interrupted":
+        reason = "interrupted (SIGINT / SIGTERM)"
+    return reason
 
-    failures = sorted([*listing.failures, *(f for r in reports for f in r.failures)], key=lambda f: f.source)
-    _write_json_atomic(os.path.join(config.output, ERRORS), [f.to_dict() for f in failures], lines=True)
-    totals = {
-        "inputs": len(listing.failures) + sum(r.inputs for r in reports),
-        "records": sum(r.records for r in reports),
-        "failures": len(failures),
-        "tokens": sum(r.tokens for r in reports),
-        "tiles": sum(r.tiles for r in reports),
-        "bytes": sum(s["bytes"] for s in shards),
-    }
+
+def _write_results(config: RunConfig, plan: Plan, listing: Listing, started: float) -> RunSummary:
+    """Finalize names, then the error record, the wids index and (last) the manifest, from the records."""
     suffix = SINKS[config.format].suffix
+    shards, done = finalize(config.output, plan, config.prefix, suffix)
+    errors, totals = current_errors(config.output, plan, done)
+    listing_errors = [f.to_dict() for f in listing.failures]
+    errors = sorted([*errors, *listing_errors], key=lambda e: e["source"])
+    totals["inputs"] += len(listing_errors)
+    totals["failures"] = len(errors)
+    totals["bytes"] = sum(s["bytes"] for s in shards)
+    pending = len(plan.tasks) - done
+    write_json_atomic(os.path.join(config.output, ERRORS), errors, lines=True)
     settings = config.settings()
     manifest = {
         "vlmtile_version": __version__,
@@ -470,14 +588,17 @@ def preprocess(config: RunConfig) -> RunSummary:
         "config_hash": config_hash(settings),
         "metadata_fields": dict(config.strategy.metadata_fields),
         "inputs": list(config.inputs),
+        "runs": plan.runs,
+        "complete": pending == 0,
+        "pending_tasks": pending,
         "shard_pattern": shard_pattern(config.prefix, len(shards), suffix),
         "shards": shards,
         "totals": totals,
         "errors_file": ERRORS,
     }
     if config.format == "webdataset":
-        _write_json_atomic(os.path.join(config.output, WIDS_INDEX), wids_index(shards))
-    _write_json_atomic(os.path.join(config.output, MANIFEST), manifest)
+        write_json_atomic(os.path.join(config.output, WIDS_INDEX), wids_index(shards))
+    write_json_atomic(os.path.join(config.output, MANIFEST), manifest)
     return RunSummary(
         output=config.output,
         inputs=totals["inputs"],
@@ -488,6 +609,7 @@ def preprocess(config: RunConfig) -> RunSummary:
         shards=len(shards),
         seconds=time.perf_counter() - started,
         layout=listing.layout,
+        complete=manifest["complete"],
     )
 
 

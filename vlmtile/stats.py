@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from .dtypes import STORAGE_DTYPES, numpy_dtype
 from .errors import ImageError, VlmtileError
 from .executors import Progress, run_tasks
-from .runner import MANIFEST
+from .ledger import MANIFEST
 from .samples import Failure, ImageRef, Sample, SourceOptions, StreamInput, iter_stream, list_samples
 from .sources import InputItem, display_path
 from .strategies import Strategy, describe

@@ -1,0 +1,373 @@
+"""Unattended runs: resume after kill -9 and SIGTERM, incremental reruns, settings and lock checks,
+--retry-failed, --max-errors, disk full, --rank / --world-size, and `vlmtile verify`.
+
+The kill tests run the real command in a subprocess and kill it with real signals at several points;
+after the rerun every input must be in exactly one of a shard or the error record, and `verify` must pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from e2e_helpers import MakeImage, read_errors, read_manifest, save_image
+from PIL import Image
+
+import vlmtile
+from vlmtile import sinks
+from vlmtile.cli import cli
+from vlmtile.strategies.base import Plan
+from vlmtile.strategies.internvl import InternVL
+from vlmtile.verify import verify
+
+STRATEGY = vlmtile.get_strategy("internvl", max_tiles=2)
+
+
+def make_folder(folder: Path, make_image: MakeImage, count: int, start: int = 0) -> list[Path]:
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img{i:03d}.png"
+        save_image(make_image(40 + i % 7, 30 + i % 5, "RGB", i), path, "PNG")
+        paths.append(path)
+    return paths
+
+
+def config(folder: Path, out: Path, **kwargs: Any) -> vlmtile.RunConfig:
+    base: dict[str, Any] = {
+        "strategy": STRATEGY,
+        "workers": 1,
+        "shard_size": 2,
+        "progress": False,
+        "dtype": "uint8",
+    }
+    base.update(kwargs)
+    return vlmtile.RunConfig(inputs=(str(folder),), output=str(out), **base)
+
+
+def stored_sources(out: Path) -> list[str]:
+    return [r["source"] for r in vlmtile.open_dataset(out, as_stored=True)]
+
+
+def assert_exactly_once(out: Path, inputs: list[Path]) -> None:
+    stored = stored_sources(out)
+    failed = [e["source"] for e in read_errors(out)]
+    counts = Counter(stored + failed)
+    assert sorted(counts) == sorted(str(p) for p in inputs)
+    assert set(counts.values()) == {1}, [s for s, n in counts.items() if n > 1]
+    report = verify(str(out))
+    assert report.ok, report.problems
+
+
+# -- incremental and resume in process ------------------------------------------------------------------
+
+
+def test_rerun_is_incremental(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    out = tmp_path / "out"
+    first = make_folder(folder, make_image, 5)
+    summary = vlmtile.preprocess(config(folder, out))
+    assert (summary.records, summary.shards) == (5, 3)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+
+    again = vlmtile.preprocess(config(folder, out))  # nothing new: nothing done, nothing touched
+    assert (again.records, again.shards) == (5, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before
+
+    new = make_folder(folder, make_image, 3, start=5)
+    grown = vlmtile.preprocess(config(folder, out))
+    assert (grown.records, grown.shards) == (8, 5)  # the new inputs went into new shards
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*") if p.name in before} == before
+    assert read_manifest(out)["runs"] == 2  # the idle run planned nothing
+    assert_exactly_once(out, first + new)
+    # The records equal what a single run over all the images gives.
+    single = tmp_path / "single"
+    vlmtile.preprocess(config(folder, single))
+    assert sorted(r["key"] for r in vlmtile.open_dataset(out)) == sorted(
+        r["key"] for r in vlmtile.open_dataset(single)
+    )
+
+
+def test_other_settings_are_refused(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 2)
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out))
+    with pytest.raises(
+        vlmtile.VlmtileError, match=r"other settings \(strategy\.params\.max_tiles: was 2, now 4"
+    ):
+        vlmtile.preprocess(config(folder, out, strategy=vlmtile.get_strategy("internvl", max_tiles=4)))
+    with pytest.raises(vlmtile.VlmtileError, match=r"dtype: was 'uint8', now 'float16'"):
+        vlmtile.preprocess(config(folder, out, dtype="float16"))
+    rebuilt = vlmtile.preprocess(config(folder, out, dtype="float16", overwrite=True))
+    assert rebuilt.records == 2 and read_manifest(out)["dtype"] == "float16"
+
+
+def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / "_lock").write_text(
+            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "x"})
+        )
+        with pytest.raises(vlmtile.VlmtileError, match=rf"another vlmtile run holds .*pid {sleeper.pid}"):
+            vlmtile.preprocess(config(folder, out))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is gone now: its lock is stale and taken over.
+    summary = vlmtile.preprocess(config(folder, out))
+    assert summary.records == 2
+    assert not (out / "_lock").exists()
+
+
+def test_retry_failed(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    good = make_folder(folder, make_image, 3)
+    late = folder / "late.png"
+    late.write_bytes(b"\x89PNG\r\n\x1a\n half copied")
+    out = tmp_path / "out"
+    first = vlmtile.preprocess(config(folder, out))
+    assert (first.records, first.failures) == (3, 1)
+    save_image(make_image(33, 44, "RGB", 9), late, "PNG")  # the copy finished
+    plain = vlmtile.preprocess(config(folder, out))
+    assert (plain.records, plain.failures) == (3, 1)  # a plain rerun does not retry
+    retried = vlmtile.preprocess(config(folder, out, retry_failed=True))
+    assert (retried.records, retried.failures) == (4, 0)
+    assert read_errors(out) == []
+    assert_exactly_once(out, [*good, late])
+
+
+def test_max_errors_stops_and_rerun_finishes(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    good = make_folder(folder, make_image, 4)
+    bad = []
+    for i in range(4):
+        path = folder / f"bad{i}.png"
+        path.write_bytes(b"")
+        bad.append(path)
+    out = tmp_path / "out"
+    with pytest.raises(vlmtile.RunStopped, match=r"stopped after 2 failed inputs \(--max-errors 1\)"):
+        vlmtile.preprocess(config(folder, out, max_errors=1, shard_size=2))
+    assert read_manifest(out)["complete"] is False
+    assert not verify(str(out)).ok
+    summary = vlmtile.preprocess(config(folder, out, shard_size=2))
+    assert (summary.records, summary.failures, summary.complete) == (4, 4, True)
+    assert_exactly_once(out, good + bad)
+
+
+def test_disk_full_stops_cleanly_and_rerun_finishes(
+    tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 6)
+    out = tmp_path / "out"
+    real_write = sinks.ParquetSink.write
+    calls = {"n": 0}
+
+    def write(self: sinks.ParquetSink, record: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(28, "No space left on device")
+        real_write(self, record)
+
+    monkeypatch.setattr(sinks.ParquetSink, "write", write)
+    with pytest.raises(vlmtile.RunStopped, match="disk full while writing task 1"):
+        vlmtile.preprocess(config(folder, out))
+    assert [p.name for p in out.iterdir() if p.name.startswith((".part", "..part"))] == []
+    assert read_errors(out) == []  # a full disk is not the inputs' fault
+    monkeypatch.setattr(sinks.ParquetSink, "write", real_write)
+    summary = vlmtile.preprocess(config(folder, out))
+    assert (summary.records, summary.failures) == (6, 0)
+    assert_exactly_once(out, inputs)
+
+
+def test_rank_and_world_size_split_and_merge(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 7)
+    out = tmp_path / "out"
+    first = vlmtile.preprocess(config(folder, out, rank=1, world_size=2))
+    assert first.complete is False
+    assert stored_sources(out) == []  # task 0 (rank 0's) is not done: nothing can be named yet
+    second = vlmtile.preprocess(config(folder, out, rank=0, world_size=2))
+    assert second.complete is True and second.records == 7
+    plan = [json.loads(line) for line in (out / "_plan.jsonl").read_text().splitlines()]
+    assert len(plan) == 4
+    assert_exactly_once(out, inputs)
+    single = tmp_path / "single"
+    vlmtile.preprocess(config(folder, single))
+    assert [s["sha256"] for s in read_manifest(out)["shards"]] == [
+        s["sha256"] for s in read_manifest(single)["shards"]
+    ]
+
+
+# -- a worker dying mid-task is retried -----------------------------------------------------------------
+
+
+def _marker(height: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"vlmtile-dies-once-{height}"
+
+
+@dataclass(frozen=True)
+class DiesOnce(InternVL):
+    """Kills its worker outright the first time it renders a 13-px-wide image; a marker file named after
+    the image's height remembers (a strategy field would change the params stored in the manifest)."""
+
+    def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
+        marker = _marker(plan.orig_height)
+        if plan.orig_width == 13 and not marker.exists():
+            marker.write_text("died once")
+            os._exit(9)
+        return super().render(image, plan)
+
+
+def test_worker_killed_mid_task_is_retried(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 5)
+    height = 100 + os.getpid() % 1000  # unique to this test run
+    marker = _marker(height)
+    marker.unlink(missing_ok=True)
+    save_image(make_image(13, height, "RGB", 1), folder / "img001.png", "PNG")
+    out = tmp_path / "out"
+    try:
+        summary = vlmtile.preprocess(
+            config(folder, out, strategy=DiesOnce(name="internvl", max_tiles=2), workers=2)
+        )
+        assert marker.exists()  # it did die once
+    finally:
+        marker.unlink(missing_ok=True)
+    assert (summary.records, summary.failures) == (5, 0)  # and the retry completed its task
+    assert_exactly_once(out, inputs)
+
+
+# -- real kills -----------------------------------------------------------------------------------------
+
+
+def _command(folder: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "vlmtile", "preprocess", str(folder), "-o", str(out), "-s", "internvl",
+        "--max-tiles", "6", "--shard-size", "1", "--workers", "2", "-q", "--dtype", "uint8",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory: pytest.TempPathFactory, make_image: MakeImage) -> tuple[Path, list[Path]]:
+    folder = tmp_path_factory.mktemp("kill-in")
+    paths = []
+    for i in range(16):
+        path = folder / f"photo{i:02d}.png"
+        save_image(make_image(900 + 17 * i, 700, "RGB", i), path, "PNG")
+        paths.append(path)
+    return folder, paths
+
+
+@pytest.mark.parametrize(
+    ("sig", "after_records"), [(signal.SIGKILL, 1), (signal.SIGKILL, 6), (signal.SIGTERM, 3)]
+)
+def test_killed_run_is_finished_by_the_next(
+    big_folder: tuple[Path, list[Path]], tmp_path: Path, sig: int, after_records: int
+) -> None:
+    folder, inputs = big_folder
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _command(folder, out), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    records = out / "_shards"
+    while time.monotonic() < deadline and process.poll() is None:
+        if records.exists() and len(list(records.glob("task-*.json"))) >= after_records:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed: make the inputs bigger"
+    if sig == signal.SIGKILL:
+        os.killpg(process.pid, signal.SIGKILL)  # the whole group: parent and workers, like the OOM killer
+    else:
+        os.kill(process.pid, signal.SIGTERM)  # what cron / systemd / Slurm send
+    _, stderr = process.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert process.returncode == 1
+        assert "interrupted" in stderr and "run the same command again" in stderr
+    assert not verify(str(out)).ok  # not finished: verify says so
+    rerun = subprocess.run(_command(folder, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exactly_once(out, inputs)
+    verified = CliRunner().invoke(cli, ["verify", str(out)])
+    assert verified.exit_code == 0, verified.output
+    assert "OK" in verified.output
+
+
+# -- verify -----------------------------------------------------------------------------------------------
+
+
+def test_verify_finds_damage(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 4)
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out, format="webdataset"))
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["verify", str(out)])
+    assert ok.exit_code == 0 and "OK: 2 shards, 4 records + 0 errors = 4 of 4 inputs" in ok.output
+
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # one flipped bit inside a member
+    shard.write_bytes(bytes(data))
+    damaged = runner.invoke(cli, ["verify", str(out)])
+    assert damaged.exit_code == 1
+    assert "shard-000001.tar: checksum differs" in damaged.output
+    quick = runner.invoke(cli, ["verify", str(out), "--quick"])  # same size, same count: quick cannot see it
+    assert quick.exit_code == 0
+
+    shard.unlink()
+    (out / "shard-000007.tar").write_bytes(b"")
+    missing = runner.invoke(cli, ["verify", str(out), "--quick"])
+    assert missing.exit_code == 1
+    assert "shard-000001.tar: missing" in missing.output
+    assert "shard-000007.tar looks like a shard but is not in the manifest" in missing.output
+    assert (
+        "records + errors = 2, but there were 4 inputs" not in missing.output
+    )  # counts come from the manifest
+    nothing = runner.invoke(cli, ["verify", str(tmp_path)])
+    assert nothing.exit_code == 1 and "no _manifest.json" in nothing.output
+
+
+def test_two_concurrent_runs_one_refuses(big_folder: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    folder, inputs = big_folder
+    out = tmp_path / "out"
+    first = subprocess.Popen(_command(folder, out), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "_lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(_command(folder, out), capture_output=True, text=True, timeout=120)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 1
+    assert "another vlmtile run holds" in second.stderr
+    assert_exactly_once(out, inputs)
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 1)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory\n")
+    result = CliRunner().invoke(
+        cli, ["preprocess", str(folder), "-o", str(blocker / "out"), "-s", "internvl"]
+    )
+    assert result.exit_code == 1
+    assert f"cannot write to {blocker / 'out'}" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,159 @@
+"""`vlmtile verify OUT`: is this output directory complete and intact?
+
+Meant to run after every cron job: it reads the manifest and checks each shard against it (present, same
+size and checksum, opens, same record count), that every input is accounted for exactly once (records +
+error lines == inputs) and that no stray shard-like file is lying around. It never trusts a file's name:
+only what the manifest recorded when the shard was committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .ledger import ERRORS, MANIFEST
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: the problems (empty when all is well) and a few numbers for the summary."""
+
+    path: str
+    problems: list[str] = field(default_factory=list)
+    shards: int = 0
+    records: int = 0
+    failures: int = 0
+    inputs: int = 0
+    bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        state = "OK" if self.ok else f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        return (
+            f"vlmtile verify: {state}: {self.shards} shards, {self.records:,} records + {self.failures:,} "
+            f"errors = {self.records + self.failures:,} of {self.inputs:,} inputs, "
+            f"{self.bytes / 1e6:,.1f} MB in {self.path}"
+        )
+
+
+def verify(path: str, *, checksums: bool = True) -> VerifyReport:
+    """Check an output directory against its manifest; `checksums=False` skips reading whole shards."""
+    report = VerifyReport(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest: dict[str, Any] = json.load(f)
+    except FileNotFoundError:
+        report.problems.append(f"no {MANIFEST}: not a vlmtile output directory, or no run has finished yet")
+        return report
+    except ValueError as e:
+        report.problems.append(f"{MANIFEST} is not valid JSON: {e}")
+        return report
+    if not manifest.get("complete", True):
+        report.problems.append(
+            f"incomplete: {manifest.get('pending_tasks', '?')} planned tasks have not finished "
+            "(an interrupted run, or other ranks still working): run the same command again"
+        )
+    fmt = manifest.get("format")
+    listed = set()
+    for shard in manifest.get("shards", []):
+        listed.add(shard["name"])
+        report.shards += 1
+        _check_shard(path, shard, fmt, checksums, report)
+    totals = manifest.get("totals", {})
+    report.inputs = int(totals.get("inputs", 0))
+    report.records = sum(int(s["records"]) for s in manifest.get("shards", []))
+    report.bytes = sum(int(s["bytes"]) for s in manifest.get("shards", []))
+    errors = _error_lines(path, report)
+    report.failures = len(errors)
+    if report.records != totals.get("records"):
+        report.problems.append(
+            f"shards hold {report.records} records, the totals say {totals.get('records')}"
+        )
+    if report.failures != totals.get("failures"):
+        report.problems.append(
+            f"{ERRORS} has {report.failures} lines, the totals say {totals.get('failures')}"
+        )
+    if report.records + report.failures != report.inputs:
+        report.problems.append(
+            f"records + errors = {report.records + report.failures}, but there were {report.inputs} inputs"
+        )
+    sources = [e.get("source") for e in errors]
+    if len(set(sources)) != len(sources):
+        report.problems.append(f"{ERRORS} lists some inputs more than once")
+    prefix = re.escape(str(manifest.get("prefix", "shard")))
+    pattern = re.compile(rf"^{prefix}-\d{{6}}\.(parquet|tar)$")
+    for name in sorted(os.listdir(path)):
+        if pattern.match(name) and name not in listed:
+            report.problems.append(f"{name} looks like a shard but is not in the manifest")
+        elif name.startswith((".part-", "..part-")) or ".tmp-" in name:
+            report.warnings.append(f"{name}: left by an unfinished write (removed by the next run)")
+    return report
+
+
+def _check_shard(
+    path: str, shard: dict[str, Any], fmt: str | None, checksums: bool, report: VerifyReport
+) -> None:
+    name = shard["name"]
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        report.problems.append(f"{name}: missing")
+        return
+    size = os.path.getsize(file)
+    if size != shard["bytes"]:
+        report.problems.append(f"{name}: {size} bytes, the manifest says {shard['bytes']}")
+        return
+    if checksums:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != shard["sha256"]:
+            report.problems.append(f"{name}: checksum differs from the manifest (the file was changed)")
+            return
+    try:
+        count = _parquet_rows(file) if fmt == "parquet" else _tar_samples(file)
+    except (OSError, pa.ArrowException, tarfile.TarError) as e:
+        report.problems.append(f"{name}: does not open: {e}")
+        return
+    if count != shard["records"]:
+        report.problems.append(f"{name}: holds {count} records, the manifest says {shard['records']}")
+
+
+def _parquet_rows(file: str) -> int:
+    return int(pq.ParquetFile(file).metadata.num_rows)
+
+
+def _tar_samples(file: str) -> int:
+    """Distinct sample keys, reading member headers only (tarfile seeks past the data)."""
+    keys = set()
+    with tarfile.open(file, "r:") as tar:
+        for member in tar:
+            keys.add(member.name.split(".", 1)[0])
+    return len(keys)
+
+
+def _error_lines(path: str, report: VerifyReport) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    try:
+        with open(os.path.join(path, ERRORS), encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    errors.append(json.loads(line))
+                except ValueError:
+                    report.problems.append(f"{ERRORS} line {number} is not valid JSON")
+    except FileNotFoundError:
+        report.problems.append(f"{ERRORS} is missing")
+    return errors
