@@ -7,11 +7,13 @@ after the rerun every input must be in exactly one of a shard or the error recor
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -26,7 +28,8 @@ from e2e_helpers import MakeImage, read_errors, read_manifest, save_image
 from PIL import Image
 
 import vlmtile
-from vlmtile import sinks
+from vlmtile import runner as runner_module
+from vlmtile import sinks, work
 from vlmtile.cli import cli
 from vlmtile.strategies.base import Plan
 from vlmtile.strategies.internvl import InternVL
@@ -114,28 +117,100 @@ def test_other_settings_are_refused(tmp_path: Path, make_image: MakeImage) -> No
     assert rebuilt.records == 2 and read_manifest(out)["dtype"] == "float16"
 
 
-def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(tmp_path: Path, make_image: MakeImage) -> None:
+HOLD_LOCK = """
+import fcntl, json, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX if sys.argv[2] == "ex" else fcntl.LOCK_SH)
+if sys.argv[2] == "ex":
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "t0"}).encode())
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_lock(path: Path, mode: str = "ex") -> subprocess.Popen[str]:
+    """Another process holding the run lock the way a live vlmtile run does (flock)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path), mode], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def release(*holders: subprocess.Popen[str]) -> None:
+    """Kill the holders (as kill -9 would a run) and reap them."""
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+def test_lock_refuses_a_live_run_and_takes_over_after_a_kill(tmp_path: Path, make_image: MakeImage) -> None:
     folder = tmp_path / "in"
     make_folder(folder, make_image, 2)
     out = tmp_path / "out"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = hold_lock(out / "_lock")
     try:
-        (out / "_lock").write_text(
-            json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "x"})
-        )
-        with pytest.raises(vlmtile.VlmtileError, match=rf"another vlmtile run holds .*pid {sleeper.pid}"):
+        with pytest.raises(
+            vlmtile.VlmtileError, match=rf"another vlmtile run holds .*_lock \(pid {holder.pid} on "
+        ):
             vlmtile.preprocess(config(folder, out))
+        assert not (out / "_run.json").exists()  # refused before touching anything
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # The holder is gone now: its lock is stale and taken over.
+        release(holder)
+    # Killed: the kernel released its lock; the file still names it, so the takeover is reported.
     summary = vlmtile.preprocess(config(folder, out))
     assert summary.records == 2
-    assert not (out / "_lock").exists()
+    assert summary.took_over is not None and summary.took_over["pid"] == holder.pid
+    assert (out / "_lock").read_text() == ""  # released: names nobody
+    again = vlmtile.preprocess(config(folder, out))
+    assert again.took_over is None  # a run that ended normally leaves nothing to take over
 
 
-def test_retry_failed(tmp_path: Path, make_image: MakeImage) -> None:
+def test_lock_naming_a_live_pid_is_not_held(tmp_path: Path, make_image: MakeImage) -> None:
+    """After a reboot the pid in a stale lock may belong to another process: only the flock counts."""
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock").write_text(json.dumps({"pid": 1, "host": os.uname().nodename, "started": "t0"}))
+    summary = vlmtile.preprocess(config(folder, out))
+    assert summary.records == 1 and summary.took_over == {
+        "pid": 1,
+        "host": os.uname().nodename,
+        "started": "t0",
+    }
+
+
+def test_ranks_run_side_by_side_but_not_beside_a_plain_run(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    rank1 = hold_lock(out / "_lock.rank-1")
+    shared = hold_lock(out / "_lock", "sh")  # what rank 1's run holds on the main lock
+    try:
+        with pytest.raises(vlmtile.VlmtileError, match=r"runs with --rank hold .*_lock"):
+            vlmtile.preprocess(config(folder, out))
+        with pytest.raises(vlmtile.VlmtileError, match=r"another run of rank 1 holds .*_lock\.rank-1"):
+            vlmtile.preprocess(config(folder, out, rank=1, world_size=2))
+        summary = vlmtile.preprocess(config(folder, out, rank=0, world_size=2))  # another rank: fine
+        assert summary.complete is False
+    finally:
+        release(rank1, shared)
+    plain = hold_lock(out / "_lock")
+    try:
+        with pytest.raises(vlmtile.VlmtileError, match=r"a run without --rank holds .*_lock \(pid"):
+            vlmtile.preprocess(config(folder, out, rank=1, world_size=2))
+    finally:
+        release(plain)
+    assert vlmtile.preprocess(config(folder, out, rank=1, world_size=2)).complete is True
+
+
+def test_failed_file_that_changed_is_redone_without_asking(tmp_path: Path, make_image: MakeImage) -> None:
+    """The cron case: a file still being copied fails; once the copy has finished it is processed."""
     folder = tmp_path / "in"
     good = make_folder(folder, make_image, 3)
     late = folder / "late.png"
@@ -143,13 +218,134 @@ def test_retry_failed(tmp_path: Path, make_image: MakeImage) -> None:
     out = tmp_path / "out"
     first = vlmtile.preprocess(config(folder, out))
     assert (first.records, first.failures) == (3, 1)
-    save_image(make_image(33, 44, "RGB", 9), late, "PNG")  # the copy finished
-    plain = vlmtile.preprocess(config(folder, out))
-    assert (plain.records, plain.failures) == (3, 1)  # a plain rerun does not retry
-    retried = vlmtile.preprocess(config(folder, out, retry_failed=True))
-    assert (retried.records, retried.failures) == (4, 0)
+    unchanged = vlmtile.preprocess(config(folder, out))
+    assert (unchanged.records, unchanged.failures, read_manifest(out)["runs"]) == (3, 1, 1)  # not retried
+    save_image(make_image(33, 44, "RGB", 9), late, "PNG")  # the copy finished: new size, new mtime
+    finished = vlmtile.preprocess(config(folder, out))
+    assert (finished.records, finished.failures, finished.changed) == (4, 0, 0)
     assert read_errors(out) == []
     assert_exactly_once(out, [*good, late])
+    assert read_manifest(out)["totals"]["inputs"] == 4
+
+
+def test_retry_failed_retries_unchanged_inputs(
+    tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure (a network blip, a flaky mount) leaves the file as it was: --retry-failed."""
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 4)
+    out = tmp_path / "out"
+    real_read = work.read_bytes
+
+    def flaky(path: str) -> bytes:
+        if path.endswith("img002.png"):
+            raise vlmtile.ImageError("cannot read file: Input/output error")
+        return real_read(path)
+
+    monkeypatch.setattr(work, "read_bytes", flaky)
+    assert vlmtile.preprocess(config(folder, out)).failures == 1
+    monkeypatch.setattr(work, "read_bytes", real_read)  # the mount is back
+    assert vlmtile.preprocess(config(folder, out)).failures == 1  # nothing changed: not retried
+    retried = vlmtile.preprocess(config(folder, out, retry_failed=True))
+    assert (retried.records, retried.failures) == (4, 0)
+    assert_exactly_once(out, inputs)
+    again = vlmtile.preprocess(config(folder, out, retry_failed=True))  # nothing failed: nothing to do
+    assert (again.records, again.failures) == (4, 0)
+    assert read_manifest(out)["runs"] == 2
+
+
+def test_stored_file_that_changed_is_reported_not_duplicated(tmp_path: Path, make_image: MakeImage) -> None:
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 3)
+    out = tmp_path / "out"
+    vlmtile.preprocess(config(folder, out))
+    keys = [r["key"] for r in vlmtile.open_dataset(out)]
+    save_image(make_image(50, 50, "RGB", 99), inputs[1], "PNG")  # edited in place after processing
+    os.utime(inputs[2], ns=(1, 1))  # touched: same bytes, another mtime
+    runner = CliRunner()
+    args = ["preprocess", str(folder), "-o", str(out), "-s", "internvl", "--max-tiles", "2"]
+    args += ["--shard-size", "2", "--dtype", "uint8", "--workers", "1"]
+    loud = runner.invoke(cli, [*args, "-q"])
+    assert loud.exit_code == 0, loud.output
+    assert "warning: 2 inputs changed after they were processed and keep their old records" in loud.stderr
+    assert [r["key"] for r in vlmtile.open_dataset(out)] == keys  # nothing redone, nothing duplicated
+    changed = [json.loads(line) for line in (out / "_changed.jsonl").read_text().splitlines()]
+    assert [c["source"] for c in changed] == [str(inputs[1]), str(inputs[2])]
+    assert changed[1]["now"] == f"{inputs[2].stat().st_size}:1"
+    assert read_manifest(out)["changed_inputs"] == 2
+    quiet = runner.invoke(cli, [*args, "-q"])  # the same two: cron is not told again every hour
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    told = runner.invoke(cli, args)
+    assert "warning: 2 inputs changed" in told.stderr
+    assert_exactly_once(out, inputs)
+    rebuilt = runner.invoke(cli, [*args, "--overwrite", "-q"])
+    assert rebuilt.exit_code == 0 and rebuilt.stderr == ""
+    assert read_manifest(out)["changed_inputs"] == 0
+
+
+def _tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_copied_halfway_is_finished_from_where_it_stopped(tmp_path: Path, make_image: MakeImage) -> None:
+    """A tar shard read while still being copied: its complete samples are stored, the damage is one
+    error line; once the copy is complete, the next run reads only the samples it had not done."""
+    members = []
+    for i in range(6):
+        buf = io.BytesIO()
+        make_image(30 + i, 20, "RGB", i).save(buf, "PNG")
+        members += [(f"s{i}.png", buf.getvalue()), (f"s{i}.txt", f"caption {i}".encode())]
+    full = tmp_path / "full.tar"
+    _tar(full, members)
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    shard = incoming / "shard-0001.tar"
+    shard.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])  # cp is half-way through
+    out = tmp_path / "out"
+    first = vlmtile.preprocess(config(incoming, out))
+    stored_first = [r["orig_key"] for r in vlmtile.open_dataset(out)]
+    assert 0 < len(stored_first) < 6 and first.failures == 1
+    (error,) = read_errors(out)
+    assert error["source"] == str(shard) and error["stage"] == "read"
+    assert vlmtile.preprocess(config(incoming, out)).failures == 1  # unchanged: the damage stays
+    assert len(list(vlmtile.open_dataset(out))) == len(stored_first)
+
+    shard.write_bytes(full.read_bytes())  # the copy finished
+    done = vlmtile.preprocess(config(incoming, out))
+    assert (done.records, done.failures, done.inputs) == (6, 0, 6)
+    assert read_errors(out) == []
+    records = list(vlmtile.open_dataset(out))
+    assert [r["orig_key"] for r in records] == [f"s{i}" for i in range(6)]  # each once, in tar order
+    assert [r["sample"]["txt"] for r in records] == [f"caption {i}" for i in range(6)]
+    assert verify(str(out)).ok
+
+
+def test_retry_of_a_damaged_tar_never_duplicates(tmp_path: Path, make_image: MakeImage) -> None:
+    members = []
+    for i in range(4):
+        buf = io.BytesIO()
+        make_image(30, 20 + i, "RGB", i).save(buf, "PNG")
+        members.append((f"s{i}.png", buf.getvalue()))
+    shard = tmp_path / "in" / "broken.tar"
+    shard.parent.mkdir()
+    _tar(shard, members)
+    raw = bytearray(shard.read_bytes())
+    at = raw.index(b"s2.png\x00")
+    raw[at + 148 : at + 156] = b"garbage!"  # a damaged header: s0 is stored; s1, before it, may be cut
+    shard.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    first = vlmtile.preprocess(config(shard.parent, out))
+    assert (first.records, first.failures, first.inputs) == (1, 1, 2)
+    for _ in range(2):
+        again = vlmtile.preprocess(config(shard.parent, out, retry_failed=True))
+        assert (again.records, again.failures, again.inputs) == (1, 1, 2)
+    assert [r["orig_key"] for r in vlmtile.open_dataset(out)] == ["s0"]
+    assert len(read_errors(out)) == 1 and verify(str(out)).ok
+    assert read_manifest(out)["runs"] == 3
 
 
 def test_max_errors_stops_and_rerun_finishes(tmp_path: Path, make_image: MakeImage) -> None:
@@ -193,6 +389,33 @@ def test_disk_full_stops_cleanly_and_rerun_finishes(
     monkeypatch.setattr(sinks.ParquetSink, "write", real_write)
     summary = vlmtile.preprocess(config(folder, out))
     assert (summary.records, summary.failures) == (6, 0)
+    assert_exactly_once(out, inputs)
+
+
+def test_disk_full_while_writing_the_manifest(
+    tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's own writes can hit a full disk too: one clear line, exit 1, nothing half-written."""
+    folder = tmp_path / "in"
+    inputs = make_folder(folder, make_image, 3)
+    out = tmp_path / "out"
+    real = runner_module.write_json_atomic
+
+    def full(path: str, data: Any, *, lines: bool = False) -> None:
+        if path.endswith("_manifest.json"):
+            raise OSError(28, "No space left on device", path)
+        real(path, data, lines=lines)
+
+    monkeypatch.setattr(runner_module, "write_json_atomic", full)
+    args = ["preprocess", str(folder), "-o", str(out), "-s", "internvl", "--max-tiles", "2", "-q"]
+    result = CliRunner().invoke(cli, [*args, "--workers", "1"])
+    assert result.exit_code == 1
+    assert "disk full in" in result.stderr and "No space left on device" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert not (out / "_manifest.json").exists()
+    monkeypatch.setattr(runner_module, "write_json_atomic", real)  # space was freed
+    again = CliRunner().invoke(cli, [*args, "--workers", "1"])
+    assert again.exit_code == 0, again.output
     assert_exactly_once(out, inputs)
 
 
@@ -275,11 +498,27 @@ def big_folder(tmp_path_factory: pytest.TempPathFactory, make_image: MakeImage) 
     return folder, paths
 
 
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in session `sid`, from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
 @pytest.mark.parametrize(
-    ("sig", "after_records"), [(signal.SIGKILL, 1), (signal.SIGKILL, 6), (signal.SIGTERM, 3)]
+    ("how", "after_records"),
+    [("kill -9 group", 1), ("kill -9 group", 6), ("kill -9 parent", 4), ("SIGTERM", 3)],
 )
 def test_killed_run_is_finished_by_the_next(
-    big_folder: tuple[Path, list[Path]], tmp_path: Path, sig: int, after_records: int
+    big_folder: tuple[Path, list[Path]], tmp_path: Path, how: str, after_records: int
 ) -> None:
     folder, inputs = big_folder
     out = tmp_path / "out"
@@ -293,17 +532,30 @@ def test_killed_run_is_finished_by_the_next(
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run finished before it could be killed: make the inputs bigger"
-    if sig == signal.SIGKILL:
-        os.killpg(process.pid, signal.SIGKILL)  # the whole group: parent and workers, like the OOM killer
+    if how == "kill -9 group":
+        os.killpg(process.pid, signal.SIGKILL)  # parent and workers at once
+    elif how == "kill -9 parent":
+        os.kill(process.pid, signal.SIGKILL)  # the parent alone: its workers must not live on
     else:
         os.kill(process.pid, signal.SIGTERM)  # what cron / systemd / Slurm send
     _, stderr = process.communicate(timeout=60)
-    if sig == signal.SIGTERM:
+    if how == "SIGTERM":
         assert process.returncode == 1
         assert "interrupted" in stderr and "run the same command again" in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while session_processes(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert session_processes(process.pid) == [], "a worker outlived its run"
+    assert "Traceback" not in stderr
     assert not verify(str(out)).ok  # not finished: verify says so
     rerun = subprocess.run(_command(folder, out), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
+    if how == "SIGTERM":
+        assert rerun.stderr == ""  # an orderly stop released the lock: nothing to report
+    else:
+        assert f"an earlier run (pid {process.pid} on " in rerun.stderr and "was killed" in rerun.stderr
     assert_exactly_once(out, inputs)
     verified = CliRunner().invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output

@@ -275,8 +275,10 @@ def test_failure_in_commit_leaves_no_file(
     summary = vlmtile.preprocess(config(folder, out, format="webdataset", shard_size=3))
     assert (summary.records, summary.failures) == (3, 3)
     assert sorted(os.listdir(out)) == [
+        "_changed.jsonl",
         "_errors.jsonl",
         "_index.wids.json",
+        "_lock",
         "_manifest.json",
         "_plan.jsonl",
         "_plan.lock",

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .dtypes import STORAGE_DTYPES
 from .errors import ImageError, RunStopped, VlmtileError
-from .ledger import ERRORS
+from .ledger import CHANGED, ERRORS
 from .runner import (
     DEFAULT_PREFIX,
     DEFAULT_SHARD_BYTES,
@@ -318,6 +318,20 @@ def preprocess_cmd(
         raise click.ClickException(str(e)) from None
     if not quiet:
         click.echo(summary.line())
+    if summary.took_over is not None:  # rare and worth knowing, even under --quiet
+        holder = summary.took_over
+        click.echo(
+            f"vlmtile: warning: an earlier run (pid {holder.get('pid')} on {holder.get('host')}, started "
+            f"{holder.get('started')}) was killed; this run finished its work",
+            err=True,
+        )
+    if summary.changed and (not quiet or summary.changed > summary.changed_before):
+        where = os.path.join(output, CHANGED)
+        click.echo(
+            f"vlmtile: warning: {summary.changed:,} inputs changed after they were processed and keep their "
+            f"old records (listed in {where}; --overwrite rebuilds the directory)",
+            err=True,
+        )
     if summary.failures:
         # Loud even with --quiet: cron mails stderr, and exit status 3 means "finished, with failures".
         if quiet:

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -189,8 +191,35 @@ def _no_progress(images: int, tokens: int) -> None:
     pass
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent (the forkserver) dies.
+
+    The forkserver exits as soon as the run's main process is gone, so a `kill -9` of the main process
+    alone (not its process group) ends its workers at once, rather than leaving them to finish an image
+    into files that the next run will remove anyway, or, if one hangs, to run forever.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the broken pipe ends the worker at its next message
+        return
+
+
 def _child(fn: Callable[[T, Progress], R], task: T, conn: Connection) -> None:
-    """Body of a worker process: run one task, send progress and then the result through its pipe."""
+    """Body of a worker process: run one task, send progress and then the result through its pipe.
+
+    If the parent is gone, the first message fails and the worker leaves quietly (exit status 1): no
+    traceback in cron mail for a run that someone killed.
+    """
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # and ends us with SIGTERM, whatever was inherited
 
@@ -200,13 +229,20 @@ def _child(fn: Callable[[T, Progress], R], task: T, conn: Connection) -> None:
     message: tuple[str, Any]
     try:
         message = ("result", fn(task, progress))
+    except (BrokenPipeError, EOFError):
+        os._exit(1)  # nobody is listening any more
     except BaseException as e:  # noqa: BLE001 - any failure is reported as this task's outcome
         message = ("error", f"{type(e).__name__}: {e}")
     try:
-        conn.send(message)
-    except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled
-        conn.send(("error", f"the task's result could not be sent back: {type(e).__name__}: {e}"))
-    conn.close()
+        try:
+            conn.send(message)
+        except (BrokenPipeError, EOFError):
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be pickled
+            conn.send(("error", f"the task's result could not be sent back: {type(e).__name__}: {e}"))
+        conn.close()
+    except (BrokenPipeError, EOFError):
+        os._exit(1)
 
 
 def _describe_exit(code: int | None) -> str:

@@ -5,13 +5,15 @@ run reads it, adds to it and never trusts memory, so a killed run is finished by
 
 - `_run.json`: the settings (strategy, params, output options) and their hash, written by the first run.
   A later run with other settings is refused: one directory never mixes two preprocessings.
-- `_lock` (`_lock.rank-R` with `--rank`): held by a live run; a lock whose process is gone (same host) is
-  stale and taken over, any other lock makes the run refuse.
+- `_lock` (plus `_lock.rank-R` with `--rank`): flock held by a live run, released by the kernel however
+  the run dies; a run that finds a free lock still naming a holder reports that run as killed.
 - `_plan.jsonl`: every task ever planned (its inputs, by source), appended under `_plan.lock` so that
   concurrent ranks agree on it. Inputs not in the plan yet (new files, new manifest lines) become new tasks
   after the existing ones: this is the incremental mode.
-- `_shards/task-NNNNNN.json`: a task's completion record, written after its files are in place. A planned
-  task without one is redone (its partial files removed first).
+- `_shards/task-NNNNNN.json`: a task's completion record, written after its files are in place, with
+  each input's stamp (size and mtime) as processed. A planned task without one is redone (its partial
+  files removed first). Comparing stamps tells a rerun which failed inputs changed (redone: a file that
+  was still being copied) and which stored ones changed (kept, listed in `_changed.jsonl`).
 - Finalizing, under `_plan.lock`, walks tasks in plan order and renames each completed task's files to the
   next `PREFIX-%06d` name, stopping at the first task not complete yet, so names never depend on timing;
   then `_errors.jsonl`, `_manifest.json` (last) and the wids index are rewritten from the records.
@@ -41,21 +43,27 @@ TASK_RECORDS = "_shards"
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.jsonl"
 WIDS_INDEX = "_index.wids.json"
+CHANGED = "_changed.jsonl"
 
 
 def write_json_atomic(path: str, data: Any, *, lines: bool = False) -> None:
     """Temp file, fsync, rename: a reader sees the old file or the new one, never half of one."""
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if lines:
-            for row in data:
-                f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-        else:
-            json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-            f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if lines:
+                for row in data:
+                    f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+            else:
+                json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def config_hash(settings: dict[str, Any]) -> str:
@@ -98,66 +106,103 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 # -- locks ----------------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(UTC).isoformat()}
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "details unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+
+
+def _try_flock(path: str, exclusive: bool) -> int | None:
+    """An open descriptor holding flock on `path`, or None when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as e:
+        os.close(fd)
+        raise VlmtileError(
+            f"cannot lock {path}: {e.strerror or e} (the file system must support flock; on NFS, "
+            "mount with locking enabled)"
+        ) from None
+    return fd
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        data = json.loads(raw) if raw.strip() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_holder(fd: int, holder: dict[str, Any] | None) -> None:
+    os.ftruncate(fd, 0)
+    if holder is not None:
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+@dataclass
+class RunLock:
+    """What taking the run lock found: the holder of a lock left by a killed run, if there was one."""
+
+    took_over: dict[str, Any] | None = None
 
 
 @contextlib.contextmanager
-def run_lock(output: str, name: str = "_lock") -> Iterator[None]:
-    """Hold `OUT/_lock` for the whole run; take over a stale lock left by a killed run on this host."""
-    path = os.path.join(output, name)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(UTC).isoformat()}
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except PermissionError:
-            raise VlmtileError(f"cannot write to {output}: permission denied") from None
-        except FileExistsError:
-            holder = _read_lock(path)
-            if holder is not None and not _stale(holder):
-                raise VlmtileError(
-                    f"another vlmtile run holds {path} (pid {holder.get('pid')} on {holder.get('host')}, "
-                    f"since {holder.get('started')}); wait for it to finish"
-                ) from None
-            # Stale (or unreadable): move it aside; of two runs racing here only one rename succeeds.
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(path, f"{path}.stale-{os.getpid()}")
-                os.unlink(f"{path}.stale-{os.getpid()}")
-            continue
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        break
-    else:
-        raise VlmtileError(f"could not take {path}: another run keeps taking it")
+def run_lock(output: str, rank: int | None = None) -> Iterator[RunLock]:
+    """Hold the run lock for the whole run; refuse when a live run holds it.
+
+    The lock is `flock` on `OUT/_lock` (exclusive), or with `--rank` a shared lock on `_lock` plus an
+    exclusive one on `_lock.rank-R`: ranks run side by side, but never beside a plain run or the same rank
+    twice. The kernel releases a flock when its process dies however it dies (kill -9, OOM killer, power
+    loss of an NFS client, once the server notices), so a lock can never be stale: there is no pid to
+    check, and a pid reused after a reboot cannot keep cron out forever. The files stay (removing a file
+    others may have open races with them); while held, the exclusive one names its holder (pid, host,
+    start) for the message a refused run prints, and a holder still named there when the lock is free
+    was killed: it is reported as taken over.
+    """
+    paths = [(os.path.join(output, "_lock"), rank is None)]
+    if rank is not None:
+        paths.append((os.path.join(output, f"_lock.rank-{rank}"), True))
+    held: list[int] = []
     try:
-        yield
+        state = RunLock()
+        for path, exclusive in paths:
+            try:
+                fd = _try_flock(path, exclusive)
+            except PermissionError:
+                raise VlmtileError(f"cannot write to {output}: permission denied") from None
+            if fd is None:
+                probe = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    holder = _read_holder(probe)
+                finally:
+                    os.close(probe)
+                if holder is None and rank is None:  # held shared, by runs with --rank
+                    who = "runs with --rank hold"
+                elif rank is not None and not exclusive:
+                    who = "a run without --rank holds"
+                else:
+                    who = "another vlmtile run holds" if rank is None else f"another run of rank {rank} holds"
+                raise VlmtileError(f"{who} {path} ({_describe(holder)}); wait for it to finish")
+            held.append(fd)
+            if exclusive:
+                state.took_over = state.took_over or _read_holder(fd)
+                _write_holder(fd, _holder())
+        yield state
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if _read_lock(path) == me:
-                os.unlink(path)
-
-
-def _read_lock(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _stale(holder: dict[str, Any]) -> bool:
-    """A lock is stale when its process is gone. Another host's lock cannot be checked: never stale."""
-    if holder.get("host") != socket.gethostname():
-        return False
-    pid = holder.get("pid")
-    return not isinstance(pid, int) or not _alive(pid)
+        for fd, (_, exclusive) in zip(held, paths, strict=False):
+            if exclusive:
+                with contextlib.suppress(OSError):
+                    _write_holder(fd, None)
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -233,10 +278,10 @@ class Plan:
         return {source for t in self.tasks for source in t.inputs}
 
     def extend(
-        self, listed: list[str], streams: list[str], shard_size: int, skip: set[str] | None = None
+        self, listed: list[str], streams: list[str], shard_size: int, redo: set[str] | None = None
     ) -> list[PlannedTask]:
-        """Plan every input not planned before (or in `skip`'s complement: retried failures)."""
-        known = self.planned_inputs() - (skip or set())
+        """Plan every input not planned before, and those in `redo` again, in new tasks at the end."""
+        known = self.planned_inputs() - (redo or set())
         run = self.runs + 1
         new_listed = [s for s in listed if s not in known]
         new_streams = [s for s in streams if s not in known]
@@ -347,11 +392,101 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def current_errors(output: str, plan: Plan, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def load_records(output: str, plan: Plan) -> dict[int, dict[str, Any]]:
+    """Every planned task's completion record (tasks without one are not finished)."""
+    records = {}
+    for task in plan.tasks:
+        record = load_record(output, task.index)
+        if record is not None:
+            records[task.index] = record
+    return records
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The latest finished attempt at one input: which task, the input's stamp then, and whether it failed.
+
+    A stream (tar / Parquet file) failed when it could not be read to its end: its samples before the
+    damage are stored, the rest is retried from there.
+    """
+
+    task: int
+    stamp: str | None
+    failed: bool
+
+
+def outcomes(plan: Plan, records: dict[int, dict[str, Any]]) -> dict[str, Outcome]:
+    """Each finished input's latest outcome (later tasks win: they are retries)."""
+    latest: dict[str, Outcome] = {}
+    for task in plan.tasks:
+        record = records.get(task.index)
+        if record is None:
+            continue
+        if task.stream is not None:
+            failed = bool(record.get("stream_failed")) or any(
+                e.get("input") == task.stream for e in record["errors"]
+            )
+            latest[task.stream] = Outcome(task.index, record.get("stamp"), failed)
+            continue
+        failed_here = {e.get("input") for e in record["errors"]}
+        stamps = record.get("stamps", {})
+        for source in task.sources:
+            latest[source] = Outcome(task.index, stamps.get(source), source in failed_here)
+    return latest
+
+
+@dataclass
+class Changes:
+    """What a run finds when it compares its inputs with what earlier runs did."""
+
+    redo: set[str] = field(default_factory=set)
+    """Failed inputs to plan again: changed since they failed (a file still being copied), or all failed
+    ones with --retry-failed."""
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    """Stored inputs whose stamp differs now: their records are kept, and they are reported."""
+
+
+def compare(
+    plan: Plan, records: dict[int, dict[str, Any]], stamps: dict[str, str | None], retry_failed: bool
+) -> Changes:
+    """Which of this run's inputs (`stamps`: input -> stamp now) to redo, and which changed after storing.
+
+    An input whose latest task has not finished yet is left to that task.
+    """
+    latest = outcomes(plan, records)
+    pending = {s for t in plan.tasks if t.index not in records for s in t.inputs}
+    found = Changes()
+    for source, now in stamps.items():
+        done = latest.get(source)
+        if done is None or source in pending:
+            continue
+        if done.failed:
+            if retry_failed or (now is not None and now != done.stamp):
+                found.redo.add(source)
+        elif now is not None and done.stamp is not None and now != done.stamp:
+            found.changed.append({"source": source, "processed": done.stamp, "now": now})
+    found.changed.sort(key=lambda c: c["source"])
+    return found
+
+
+def stream_skip(plan: Plan, records: dict[int, dict[str, Any]], task: PlannedTask) -> frozenset[str]:
+    """Sample keys an earlier, damaged attempt at this stream already stored or failed: not read again."""
+    keys: set[str] = set()
+    for earlier in plan.tasks[: task.index]:
+        if earlier.stream == task.stream and earlier.index in records:
+            keys.update(records[earlier.index].get("done_keys", ()))
+    return frozenset(keys)
+
+
+def current_errors(
+    plan: Plan, records: dict[int, dict[str, Any]], limit: int
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The error record and totals from the first `limit` (finalized) tasks: the latest attempt wins.
 
-    An input retried with --retry-failed appears in a later task; if it succeeded there, its old error
-    line is gone, if it failed again, the newer reason replaces the old one.
+    An input retried (with --retry-failed, or because it changed since it failed) appears in a later
+    task; if it succeeded there, its old error line is gone, if it failed again, the newer reason replaces
+    the old one. A stream's stored samples always count; its stream-level failure (damage) only from its
+    latest attempt, which read on from where the earlier one stopped.
     """
     tasks = plan.tasks[:limit]
     latest: dict[str, int] = {}
@@ -361,50 +496,27 @@ def current_errors(output: str, plan: Plan, limit: int) -> tuple[list[dict[str, 
     errors: dict[str, dict[str, Any]] = {}
     totals = {"inputs": 0, "records": 0, "failures": 0, "tokens": 0, "tiles": 0}
     for task in tasks:
-        record = load_record(output, task.index)
-        if record is None:
-            continue
-        current = [s for s in task.inputs if latest.get(s) == task.index]
-        if task.stream is not None:
-            if not current:
-                continue
-            totals["inputs"] += record["inputs"]
-            totals["records"] += record["records"]
-            totals["tokens"] += record["tokens"]
-            totals["tiles"] += record["tiles"]
-            for error in record["errors"]:
-                errors[error["source"]] = error
-            continue
-        current_set = set(current)
-        failed = {e["input"]: e for e in record["errors"] if e.get("input") in current_set}
-        totals["inputs"] += len(current)
-        totals["records"] += record["records"]  # records are never retried: a stored input is done
+        record = records[task.index]
+        totals["records"] += record["records"]  # stored inputs are never redone: records never repeat
         totals["tokens"] += record["tokens"]
         totals["tiles"] += record["tiles"]
-        for error in failed.values():
-            errors[error["input"]] = {k: v for k, v in error.items() if k != "input"}
+        if task.stream is not None:
+            is_latest = latest[task.stream] == task.index
+            totals["inputs"] += record["inputs"]
+            for error in record["errors"]:
+                if error.get("input") == task.stream and not is_latest:
+                    totals["inputs"] -= 1  # superseded by the retry's own outcome
+                    continue
+                errors[error["source"]] = {k: v for k, v in error.items() if k != "input"}
+            continue
+        current = {s for s in task.sources if latest[s] == task.index}
+        totals["inputs"] += len(current)
+        for error in record["errors"]:
+            if error.get("input") in current:
+                errors[error["input"]] = {k: v for k, v in error.items() if k != "input"}
     ordered = sorted(errors.values(), key=lambda e: e["source"])
     totals["failures"] = len(ordered)
     return ordered, totals
-
-
-def failed_inputs(output: str, plan: Plan) -> set[str]:
-    """Inputs whose latest attempt failed (what --retry-failed plans again)."""
-    latest: dict[str, int] = {}
-    for task in plan.tasks:
-        for source in task.inputs:
-            latest[source] = task.index
-    failed: set[str] = set()
-    for task in plan.tasks:
-        record = load_record(output, task.index)
-        if record is None:
-            continue
-        if task.stream is not None:
-            if latest.get(task.stream) == task.index and record.get("stream_failed"):
-                failed.add(task.stream)
-            continue
-        failed |= {e["input"] for e in record["errors"] if latest.get(e.get("input", "")) == task.index}
-    return failed
 
 
 def is_enospc(error: BaseException) -> bool:

@@ -7,6 +7,8 @@ in `_shards/`; the manifest and the error record are written last, by the parent
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ from .dtypes import STORAGE_DTYPES
 from .errors import RunStopped, VlmtileError
 from .executors import Interrupted, Progress, StopFlag, TaskFailed, WorkerDied, handle_signals, run_tasks
 from .ledger import (
+    CHANGED,
     ERRORS,
     MANIFEST,
     PLAN_FILE,
@@ -32,20 +35,22 @@ from .ledger import (
     RUN_FILE,
     TASK_RECORDS,
     WIDS_INDEX,
+    Changes,
     Plan,
     PlannedTask,
     check_settings,
+    compare,
     config_hash,
     current_errors,
-    failed_inputs,
     finalize,
     is_enospc,
-    load_record,
+    load_records,
     plan_lock,
     record_path,
     remove_orphans,
     remove_partial,
     run_lock,
+    stream_skip,
     write_json_atomic,
 )
 from .samples import (
@@ -60,8 +65,9 @@ from .samples import (
     list_samples,
 )
 from .sinks import SINKS, ShardFile, ShardSink
-from .sources import make_key
+from .sources import display_path, make_key
 from .strategies import Strategy
+from .streams import is_url
 from .work import Budget, SampleRecord, process_sample
 
 SHARD_RECORDS = TASK_RECORDS
@@ -180,6 +186,11 @@ class ShardTask:
     config: RunConfig
     layout: str
     file_metadata: dict[str, Any]
+    stamps: dict[str, str | None] = field(default_factory=dict)
+    """Each input's stamp as this run listed it (size and mtime, or a manifest line's hash), kept in the
+    completion record so that later runs can tell whether the input changed since."""
+    skip: frozenset[str] = frozenset()
+    """Sample keys of this stream that an earlier, damaged attempt already stored or failed."""
 
     @property
     def source(self) -> str:
@@ -232,6 +243,12 @@ class RunSummary:
     layout: str = "image"
     complete: bool = True
     """False while planned tasks remain (an interrupted run, or other ranks still working)."""
+    changed: int = 0
+    """Stored inputs that changed since they were processed (kept as they were; listed in _changed.jsonl)."""
+    changed_before: int = 0
+    """The same count after the previous run: more now means new changes (worth a warning under -q)."""
+    took_over: dict[str, Any] | None = None
+    """The holder named in a lock left by a killed run, which this run took over."""
 
     def line(self) -> str:
         unit = "samples" if self.layout == "sample" else "images"
@@ -305,12 +322,25 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     config = task.config
     failures: list[Failure] = []
     failed_inputs: list[str | None] = []
+    done_keys: list[str] = []
+    damaged = False
     inputs = records = tokens = tiles = 0
     writer = _RotatingWriter(task)
     try:
         for sample in _task_samples(task):
+            identity: str | None = sample.source
+            if task.stream is not None:
+                # A stream-level failure (damage, unreadable file) is the stream's own; the samples
+                # before it are its samples, and those an earlier attempt did are not done again.
+                if isinstance(sample, Failure) and sample.source == task.stream.source:
+                    identity = task.stream.source
+                    damaged = True
+                elif sample.key in task.skip:
+                    continue
+                else:
+                    identity = None
+                    done_keys.append(sample.key)
             inputs += 1
-            identity = sample.source if task.stream is None else None
             if isinstance(sample, Failure):
                 failures.append(sample)
                 failed_inputs.append(identity)
@@ -343,12 +373,20 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
         {**f.to_dict(), **({"input": i} if i is not None else {})}
         for f, i in zip(failures, failed_inputs, strict=True)
     ]
-    write_json_atomic(record_path(task.output, task.index), {**report.to_dict(), "errors": errors})
+    record: dict[str, Any] = {**report.to_dict(), "errors": errors}
+    if task.stream is not None:
+        record["stamp"] = task.stamps.get(task.stream.source)
+        if damaged:  # a retry reads on from here
+            record["done_keys"] = done_keys
+    else:
+        record["stamps"] = {s.source: task.stamps.get(s.source) for s in task.samples}
+    write_json_atomic(record_path(task.output, task.index), record)
     return report
 
 
 _SHARD_NAME = re.compile(r"^\.?[\w-]+-\d{5,6}\.(parquet|tar)(\.tmp-\d+)?$")
-_OURS = (MANIFEST, ERRORS, SHARD_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_LOCK)
+_OURS = (MANIFEST, ERRORS, SHARD_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_LOCK, CHANGED)
+"""What --overwrite removes (besides shards and part files); the run locks stay: they are held by then."""
 
 
 def _existing_output(output: str) -> list[str]:
@@ -362,9 +400,15 @@ def _existing_output(output: str) -> list[str]:
 
 
 def _prepare_output(config: RunConfig) -> None:
-    """Create OUT; with --overwrite, remove everything vlmtile wrote there before (and nothing else)."""
+    """Create OUT (the run lock lives in it)."""
     if os.path.exists(config.output) and not os.path.isdir(config.output):
         raise VlmtileError(f"output {config.output} exists and is not a directory")
+    os.makedirs(config.output, exist_ok=True)
+
+
+def _clear_output(config: RunConfig) -> None:
+    """Under the run lock: with --overwrite, remove everything vlmtile wrote in OUT (and nothing else);
+    without it, refuse output of an older vlmtile that has no run state to resume from."""
     if config.overwrite:
         for name in _existing_output(config.output):
             path = os.path.join(config.output, name)
@@ -379,13 +423,39 @@ def _prepare_output(config: RunConfig) -> None:
             f"output directory {config.output} holds output of an older vlmtile (no {RUN_FILE}) that cannot "
             "be resumed; choose another directory or pass --overwrite"
         )
-    os.makedirs(config.output, exist_ok=True)
+
+
+def file_stamp(path: str) -> str | None:
+    """`SIZE:MTIME_NS` of a local file (following links), None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def sample_stamp(sample: Sample) -> str | None:
+    """How a later run recognises this input unchanged: an image file's size and mtime, or the hash of a
+    manifest line's content (manifest lines are identified by position, so an edited line shows here)."""
+    if len(sample.images) == 1 and sample.images[0].path is not None and not sample.fields:
+        path = sample.images[0].path
+        if display_path(path) == sample.source and not is_url(path):
+            return file_stamp(path)
+    text = json.dumps(sample.fields, sort_keys=True, ensure_ascii=False, default=str)
+    return "sha1:" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def stream_stamp(stream: StreamInput) -> str | None:
+    """A local tar / Parquet file's size and mtime; None for URLs and pipes (never seen as changed)."""
+    return None if is_url(stream.url) else file_stamp(stream.url)
 
 
 def _shard_task(
     planned: PlannedTask,
     by_source: dict[str, Sample],
     streams: dict[str, StreamInput],
+    stamps: dict[str, str | None],
+    skip: frozenset[str],
     config: RunConfig,
     layout: str,
     file_metadata: dict[str, Any],
@@ -397,9 +467,13 @@ def _shard_task(
             stream = StreamInput(
                 kind=input_kind(planned.stream), url=planned.stream, key=_gone_key(planned.stream)
             )
-        return ShardTask(planned.index, (), stream, config.output, config, layout, file_metadata)
+        task_stamps = {planned.stream: stamps.get(planned.stream)}
+        return ShardTask(
+            planned.index, (), stream, config.output, config, layout, file_metadata, task_stamps, skip
+        )
     samples = tuple(by_source.get(source) or _gone(source) for source in planned.sources)
-    return ShardTask(planned.index, samples, None, config.output, config, layout, file_metadata)
+    task_stamps = {source: stamps.get(source) for source in planned.sources}
+    return ShardTask(planned.index, samples, None, config.output, config, layout, file_metadata, task_stamps)
 
 
 def _gone_key(source: str) -> str:
@@ -421,7 +495,8 @@ def _task_failed(task: ShardTask, error: BaseException) -> None:
     detail = str(error) if isinstance(error, TaskFailed | WorkerDied) else f"{type(error).__name__}: {error}"
     reason = f"task {task.index} ({task.source}) was not written: {detail}"
     if task.stream is not None:
-        errors = [Failure(task.stream.key, task.stream.source, "write", reason).to_dict()]
+        source = task.stream.source
+        errors = [{**Failure(task.stream.key, source, "write", reason).to_dict(), "input": source}]
         inputs = 1
     else:
         errors = [
@@ -439,6 +514,11 @@ def _task_failed(task: ShardTask, error: BaseException) -> None:
         "errors": errors,
         "stream_failed": task.stream is not None,
     }
+    if task.stream is not None:
+        record["stamp"] = task.stamps.get(task.stream.source)
+        record["done_keys"] = []
+    else:
+        record["stamps"] = {s.source: task.stamps.get(s.source) for s in task.samples}
     write_json_atomic(record_path(task.output, task.index), record)
 
 
@@ -471,23 +551,46 @@ def preprocess(config: RunConfig) -> RunSummary:
         _prepare_output(config)
     except OSError as e:  # a read-only or missing parent, a full disk: say so, in one line
         raise VlmtileError(f"cannot write to {config.output}: {e.strerror or e}") from None
-    lock_name = "_lock" if config.world_size == 1 else f"_lock.rank-{config.rank}"
-    with run_lock(config.output, lock_name):
+    try:
+        return _preprocess_locked(config, listing, started)
+    except OSError as e:  # the parent's own writes (plan, records, manifest): a full disk, a read-only mount
+        what = "disk full" if is_enospc(e) else "cannot write"
+        raise RunStopped(
+            f"{what} in {config.output}: {e.strerror or e} ({getattr(e, 'filename', None) or 'output'}); "
+            "nothing half-written was marked done"
+        ) from None
+
+
+def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> RunSummary:
+    with run_lock(config.output, None if config.world_size == 1 else config.rank) as lock:
+        _clear_output(config)
         settings = config.settings()
         check_settings(config.output, settings, __version__)
         os.makedirs(os.path.join(config.output, SHARD_RECORDS), exist_ok=True)
         by_source = {s.source: s for s in listing.samples}
         streams = {s.source: s for s in listing.streams}
+        stamps = {s.source: sample_stamp(s) for s in listing.samples}
+        stamps.update((source, stream_stamp(stream)) for source, stream in streams.items())
         with plan_lock(config.output):
             plan = Plan.load(config.output)
-            retry = failed_inputs(config.output, plan) if config.retry_failed else set()
-            plan.extend([s.source for s in listing.samples], list(streams), config.shard_size, skip=retry)
+            records = load_records(config.output, plan)
+            changes = compare(plan, records, stamps, config.retry_failed)
+            plan.extend([s.source for s in listing.samples], list(streams), config.shard_size, changes.redo)
             plan.save(config.output)
         file_metadata = {"vlmtile_version": __version__, "layout": listing.layout, **settings}
         todo = [
-            _shard_task(t, by_source, streams, config, listing.layout, file_metadata)
+            _shard_task(
+                t,
+                by_source,
+                streams,
+                stamps,
+                stream_skip(plan, records, t) if t.stream is not None else frozenset(),
+                config,
+                listing.layout,
+                file_metadata,
+            )
             for t in plan.tasks
-            if t.index % config.world_size == config.rank and load_record(config.output, t.index) is None
+            if t.index % config.world_size == config.rank and t.index not in records
         ]
         for task in todo:  # what a killed attempt left behind
             remove_partial(config.output, task.index)
@@ -496,7 +599,7 @@ def preprocess(config: RunConfig) -> RunSummary:
         stopped = _run(todo, config, listing.layout)
         with plan_lock(config.output):
             plan = Plan.load(config.output)
-            summary = _write_results(config, plan, listing, started)
+            summary = _write_results(config, plan, listing, started, changes, lock.took_over)
     if stopped is not None:
         raise RunStopped(f"{stopped}; {summary.line()}", summary)
     return summary
@@ -566,17 +669,26 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
     return reason
 
 
-def _write_results(config: RunConfig, plan: Plan, listing: Listing, started: float) -> RunSummary:
+def _write_results(
+    config: RunConfig,
+    plan: Plan,
+    listing: Listing,
+    started: float,
+    changes: Changes,
+    took_over: dict[str, Any] | None,
+) -> RunSummary:
     """Finalize names, then the error record, the wids index and (last) the manifest, from the records."""
     suffix = SINKS[config.format].suffix
     shards, done = finalize(config.output, plan, config.prefix, suffix)
-    errors, totals = current_errors(config.output, plan, done)
+    errors, totals = current_errors(plan, load_records(config.output, plan), done)
     listing_errors = [f.to_dict() for f in listing.failures]
     errors = sorted([*errors, *listing_errors], key=lambda e: e["source"])
     totals["inputs"] += len(listing_errors)
     totals["failures"] = len(errors)
     totals["bytes"] = sum(s["bytes"] for s in shards)
     pending = len(plan.tasks) - done
+    changed_before = _previous_changed(config.output)
+    write_json_atomic(os.path.join(config.output, CHANGED), changes.changed, lines=True)
     write_json_atomic(os.path.join(config.output, ERRORS), errors, lines=True)
     settings = config.settings()
     manifest = {
@@ -595,6 +707,7 @@ def _write_results(config: RunConfig, plan: Plan, listing: Listing, started: flo
         "shards": shards,
         "totals": totals,
         "errors_file": ERRORS,
+        "changed_inputs": len(changes.changed),
     }
     if config.format == "webdataset":
         write_json_atomic(os.path.join(config.output, WIDS_INDEX), wids_index(shards))
@@ -610,7 +723,18 @@ def _write_results(config: RunConfig, plan: Plan, listing: Listing, started: flo
         seconds=time.perf_counter() - started,
         layout=listing.layout,
         complete=manifest["complete"],
+        changed=len(changes.changed),
+        changed_before=changed_before,
+        took_over=took_over,
     )
+
+
+def _previous_changed(output: str) -> int:
+    try:
+        with open(os.path.join(output, MANIFEST), encoding="utf-8") as f:
+            return int(json.load(f).get("changed_inputs", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def wids_index(shards: list[dict[str, Any]]) -> dict[str, Any]:
