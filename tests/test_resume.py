@@ -366,6 +366,65 @@ def test_max_errors_stops_and_rerun_finishes(tmp_path: Path, make_image: MakeIma
     assert_exactly_once(out, good + bad)
 
 
+def test_max_errors_as_a_rate(tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--max-errors 20%`: judged from RATE_MIN_INPUTS inputs of the run on, so one bad file early does not
+    stop a run, and the rate is of this run's inputs, not of the whole directory's."""
+    monkeypatch.setattr(runner_module, "RATE_MIN_INPUTS", 6)
+    folder = tmp_path / "in"
+    good = make_folder(folder, make_image, 8)
+    bad = [folder / "a_bad.png"]  # sorts first: 1 of 1 failed when the first task ends
+    bad[0].write_bytes(b"")
+    out = tmp_path / "out"
+    summary = vlmtile.preprocess(config(folder, out, max_error_rate=0.2, shard_size=1))  # 1 of 9: 11%
+    assert (summary.records, summary.failures) == (8, 1)
+    for i in range(3):
+        bad.append(folder / f"c_bad{i}.png")
+        bad[-1].write_bytes(b"")
+    good += make_folder(folder, make_image, 5, start=8)
+    with pytest.raises(
+        vlmtile.RunStopped, match=r"stopped: 3 of 6 inputs failed \(50\.0%; --max-errors 20%\)"
+    ):
+        vlmtile.preprocess(config(folder, out, max_error_rate=0.2, shard_size=1))
+    assert len(stored_sources(out)) == 8 + 3  # img011 and img012 were not started
+    rest = vlmtile.preprocess(config(folder, out, shard_size=1))
+    assert (rest.records, rest.failures) == (13, 4)
+    assert_exactly_once(out, good + bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("12", None),
+        ("2.5%", None),
+        ("0%", None),
+        ("-1", "not a count"),
+        ("100%", "below 100"),
+        ("x", "not a count"),
+    ],
+)
+def test_max_errors_option(tmp_path: Path, make_image: MakeImage, value: str, error: str | None) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 1)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "preprocess",
+            str(folder),
+            "-o",
+            str(tmp_path / "out"),
+            "-s",
+            "internvl",
+            "-q",
+            "--max-errors",
+            value,
+        ],
+    )
+    if error is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2 and error in result.output
+
+
 def test_disk_full_stops_cleanly_and_rerun_finishes(
     tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,6 +143,23 @@ def source_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _error_limit(ctx: click.Context, param: click.Parameter, value: str | None) -> int | tuple[float] | None:
+    """`--max-errors`: a count (`50`) or a rate of the inputs processed (`2%`, returned as `(0.02,)`)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            rate = float(text[:-1]) / 100
+            if 0 <= rate < 1:
+                return (rate,)
+        elif int(text) >= 0:
+            return int(text)
+    except ValueError:
+        pass
+    raise click.BadParameter(f"{value!r} is not a count (e.g. 50) or a percentage below 100 (e.g. 2%)")
+
+
 def _check_inputs(inputs: tuple[str, ...]) -> None:
     """A local input that does not exist is a usage error (exit 2), like any bad argument."""
     for raw in inputs:
@@ -208,9 +225,11 @@ def _budget(options: dict[str, Any]) -> Budget:
 @click.option("--retry-failed", is_flag=True, help="Process the inputs in _errors.jsonl again.")
 @click.option(
     "--max-errors",
-    type=click.IntRange(min=0),
+    callback=_error_limit,
     default=None,
-    help="Stop the run once more inputs than this have failed (what is done is kept).",
+    metavar="N|P%",
+    help="Stop the run once more than N inputs, or more than P% of its inputs (judged from 100 inputs "
+    "on), have failed; what is done is kept.",
 )
 @click.option(
     "--max-image-pixels",
@@ -253,7 +272,7 @@ def preprocess_cmd(
     no_pixels: bool,
     overwrite: bool,
     retry_failed: bool,
-    max_errors: int | None,
+    max_errors: int | tuple[float] | None,
     max_image_pixels: int,
     rank: int,
     world_size: int,
@@ -264,7 +283,8 @@ def preprocess_cmd(
     """Tile INPUTS into Parquet or WebDataset shards.
 
     Running the same command again on the same OUTPUT resumes an interrupted run and processes only
-    inputs that are new since the last run (the cron use case); different settings are refused.
+    inputs that are new, or failed and changed since (size or mtime), the cron use case; different
+    settings are refused. `vlmtile verify OUTPUT` checks the result.
 
     Exit status: 0 done; 3 done, but some inputs failed (see OUTPUT/_errors.jsonl); 1 fatal error or
     stopped early (interrupted, disk full, --max-errors; run again to continue); 2 bad command line.
@@ -300,7 +320,8 @@ def preprocess_cmd(
             overwrite=overwrite,
             progress=not quiet,
             retry_failed=retry_failed,
-            max_errors=max_errors,
+            max_errors=max_errors if isinstance(max_errors, int) else None,
+            max_error_rate=max_errors[0] if isinstance(max_errors, tuple) else None,
             max_image_pixels=max_image_pixels or None,
             rank=rank,
             world_size=world_size,

@@ -78,6 +78,8 @@ workers busy. Tar shards and Parquet files are one task each."""
 DEFAULT_SHARD_BYTES = 1 << 30
 """Largest output file: a task whose output grows past this continues in a new file."""
 DEFAULT_PREFIX = "shard"
+RATE_MIN_INPUTS = 100
+"""A failure rate (--max-errors P%) is judged once this many inputs of the run have been processed."""
 DEFAULT_TASK_TIMEOUT = 600.0
 """A worker silent this long on one input is hung (a 12 MP image takes well under a second)."""
 
@@ -114,6 +116,9 @@ class RunConfig:
     """Plan the inputs in the error record again (they may have failed for a transient reason)."""
     max_errors: int | None = None
     """Stop the run once more inputs than this have failed in it (what is done is kept)."""
+    max_error_rate: float | None = None
+    """Stop the run once more than this fraction of its inputs have failed, judged from
+    `RATE_MIN_INPUTS` inputs on (so that the first bad file of a run does not stop it)."""
     rank: int = 0
     world_size: int = 1
     """Run only the tasks with index % world_size == rank (several machines on one output directory)."""
@@ -137,6 +142,8 @@ class RunConfig:
             )
         if self.max_errors is not None and self.max_errors < 0:
             raise VlmtileError(f"--max-errors must be at least 0, got {self.max_errors}")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate < 1:
+            raise VlmtileError(f"--max-errors as a rate must be in [0%, 100%), got {self.max_error_rate:.2%}")
         if self.shard_bytes < 1:
             raise VlmtileError(f"shard bytes must be at least 1, got {self.shard_bytes}")
         if not self.prefix or not all(c.isalnum() or c in "-_" for c in self.prefix):
@@ -626,7 +633,7 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
 
     stop = StopFlag()
     reason: str | None = None
-    failures = 0
+    failures = processed = 0
 
     def cleanup(task: ShardTask, pid: int | None) -> None:
         remove_partial(task.output, task.index)
@@ -646,6 +653,7 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
                 error = outcome.error
                 if error is None and outcome.result is not None:
                     failures += len(outcome.result.failures)
+                    processed += outcome.result.inputs
                 elif isinstance(error, Interrupted):
                     remove_partial(config.output, outcome.task.index)
                     reason = reason or "interrupted"
@@ -659,14 +667,29 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
                 else:
                     _task_failed(outcome.task, error or RuntimeError("no result"))
                     failures += len(outcome.task.samples) or 1
-                if config.max_errors is not None and failures > config.max_errors and reason is None:
-                    reason = f"stopped after {failures} failed inputs (--max-errors {config.max_errors})"
-                    stop.set()
+                    processed += len(outcome.task.samples) or 1
+                if reason is None:
+                    reason = _too_many_errors(config, failures, processed)
+                    if reason is not None:
+                        stop.set()
     finally:
         bar.close()
     if reason == "interrupted":
         reason = "interrupted (SIGINT / SIGTERM)"
     return reason
+
+
+def _too_many_errors(config: RunConfig, failures: int, processed: int) -> str | None:
+    """Why the run must stop under --max-errors, or None."""
+    if config.max_errors is not None and failures > config.max_errors:
+        return f"stopped after {failures} failed inputs (--max-errors {config.max_errors})"
+    rate = config.max_error_rate
+    if rate is not None and processed >= RATE_MIN_INPUTS and failures > rate * processed:
+        return (
+            f"stopped: {failures} of {processed} inputs failed ({failures / processed:.1%}; "
+            f"--max-errors {rate * 100:.4g}%)"
+        )
+    return None
 
 
 def _write_results(
