@@ -375,7 +375,7 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
 
     \b
     Example (after the cron job):
-      vlmtile preprocess /data/incoming -o /data/tiles -s internvl -q && vlmtile verify /data/tiles -q
+      vlmtile preprocess /data/incoming -o /data/tiles -s internvl -q && vlmtile verify /data/tiles --quick -q
     """
     report = verify(output, checksums=not quick)
     for problem in report.problems:
