@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import vlmtile
-from vlmtile.dtypes import BFLOAT16
+from vlmtile.dtypes import bfloat16
 from vlmtile.loader import collate, collate_torch, split_shards, torch_dataset
+
+BFLOAT16 = bfloat16()
 
 IMAGES = (
     ("pano", 500, 180),

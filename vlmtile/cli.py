@@ -349,8 +349,9 @@ def preprocess_cmd(
     if summary.changed and (not quiet or summary.changed > summary.changed_before):
         where = os.path.join(output, CHANGED)
         click.echo(
-            f"vlmtile: warning: {summary.changed:,} inputs changed after they were processed and keep their "
-            f"old records (listed in {where}; --overwrite rebuilds the directory)",
+            f"vlmtile: warning: {summary.changed:,} input{'s' if summary.changed != 1 else ''} changed after "
+            f"they were processed and keep their old records (listed in {where}; --overwrite rebuilds "
+            "the directory)",
             err=True,
         )
     if summary.failures:

@@ -7,21 +7,30 @@ rounded to nearest-even from float32, as `tensor.half()` / `.bfloat16()` do.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .strategies import Strategy
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
-BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+
+
+@functools.cache
+def bfloat16() -> np.dtype[Any]:
+    """numpy's bfloat16 from ml_dtypes, imported on first use: the import costs ~1.3 s (it computes
+    `finfo` tables for a dozen types), which every command would otherwise pay at start-up."""
+    import ml_dtypes
+
+    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
 def numpy_dtype(name: str) -> np.dtype[Any]:
     """The numpy dtype for a storage dtype name (bfloat16 through ml_dtypes)."""
     if name == "bfloat16":
-        return BFLOAT16
+        return bfloat16()
     if name not in STORAGE_DTYPES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(STORAGE_DTYPES)}")
     dtype: np.dtype[Any] = np.dtype(name)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import numpy as np
 
 from .dataset import Dataset
-from .dtypes import BFLOAT16
 from .errors import VlmtileError
 
 if TYPE_CHECKING:
@@ -419,7 +418,7 @@ def _tensor(torch: Any, array: np.ndarray) -> Any:
     """
     if not array.flags.writeable:
         array = array.copy()
-    if array.dtype == BFLOAT16:
+    if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
