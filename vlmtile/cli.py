@@ -218,6 +218,12 @@ def _budget(options: dict[str, Any]) -> Budget:
     is_flag=True,
     help="Metadata only: plans, token counts, grids and sample fields; no arrays.",
 )
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="NOT bit-exact: shrink each image cheaply (JPEG DCT scaling, box reduction) before the "
+    "model's resizes; same plans and token counts, pixels within ~40 dB PSNR (docs/performance.md).",
+)
 @source_options
 @click.option(
     "--overwrite", is_flag=True, help="Start again: remove vlmtile output already in the output directory."
@@ -270,6 +276,7 @@ def preprocess_cmd(
     shard_bytes: int,
     prefix: str,
     no_pixels: bool,
+    fast: bool,
     overwrite: bool,
     retry_failed: bool,
     max_errors: int | tuple[float] | None,
@@ -315,6 +322,7 @@ def preprocess_cmd(
             shard_bytes=shard_bytes,
             prefix=prefix,
             pixels=not no_pixels,
+            fast=fast,
             budget=budget,
             sources=sources,
             overwrite=overwrite,

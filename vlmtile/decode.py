@@ -12,6 +12,7 @@ import os
 import stat
 import threading
 import warnings
+from collections.abc import Callable
 
 from PIL import Image, UnidentifiedImageError
 
@@ -203,7 +204,12 @@ def _check_limit(width: int, height: int, max_pixels: int | None) -> None:
         )
 
 
-def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    *,
+    draft: Callable[[Image.Image], tuple[int, int] | None] | None = None,
+) -> Image.Image:
     """Decode image bytes fully (first frame), so that later steps cannot fail on lazy I/O.
 
     Images above `max_pixels` (None: no limit) are refused from their header, before a pixel is
@@ -218,6 +224,9 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
     error falls at `max_pixels`, a backstop for sizes a header does not show. vlmtile decodes in worker
     processes, one image at a time, so the lock is never contended there; threads of a library caller
     decode one after another instead of racing on the global.
+
+    `draft` (fast mode only): called with the opened image before it is decoded; a size it returns is
+    passed to `Image.draft`, which lets the JPEG decoder scale down in the DCT domain (not bit-exact).
     """
     if max_pixels is not None and max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1 or None (no limit), got {max_pixels}")
@@ -236,6 +245,9 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
                 image = Image.open(io.BytesIO(data))
                 size = image.size
                 _check_limit(*size, max_pixels)
+                wanted = draft(image) if draft is not None else None
+                if wanted is not None:
+                    image.draft(None, wanted)
                 # Pillow raises above 2 x its setting; rounding up keeps an image of exactly max_pixels.
                 Image.MAX_IMAGE_PIXELS = None if max_pixels is None else (max_pixels + 1) // 2
                 image.load()

@@ -126,6 +126,8 @@ class RunConfig:
     """Seconds a worker may go without finishing an input before its task is killed and retried."""
     task_retries: int = 1
     """How often a task whose worker died or hung is started again before its inputs become errors."""
+    fast: bool = False
+    """Shrink sources before the strategy's resizes (`vlmtile.fast`): faster, NOT bit-exact."""
 
     def __post_init__(self) -> None:
         if self.format not in SINKS:
@@ -170,6 +172,7 @@ class RunConfig:
             "shard_bytes": self.shard_bytes,
             "prefix": self.prefix,
             "pixels": self.pixels,
+            "fast": self.fast,
             "budget": {
                 "max_tiles_per_sample": self.budget.max_tiles,
                 "max_tokens_per_sample": self.budget.max_tokens,
@@ -360,6 +363,7 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
                 config.budget,
                 pixels=config.pixels,
                 max_pixels=config.max_image_pixels,
+                fast=config.fast,
             )
             if isinstance(out, Failure):
                 failures.append(out)

@@ -17,6 +17,7 @@ from PIL import Image
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, read_bytes
 from .dtypes import encode_pixels
 from .errors import ImageError
+from .fast import SourceReducer
 from .samples import Failure, ImageRef, Sample
 from .sources import InputItem, display_path
 from .strategies import Strategy
@@ -87,14 +88,17 @@ def process_image(
     *,
     pixels: bool = True,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    fast: bool = False,
 ) -> Record | Failure:
     """Everything that happens to one image; `key` and `ref.source` go into its metadata.
 
-    Images above `max_pixels` (None: no limit) are refused from their header, before decoding.
+    Images above `max_pixels` (None: no limit) are refused from their header, before decoding. `fast`
+    shrinks the source before the strategy's resizes (`vlmtile.fast`): same plan, not bit-exact pixels.
     """
     source = ref.source
+    reducer = SourceReducer(strategy) if fast and pixels else None
     try:
-        image = decode_image(_image_bytes(ref), max_pixels)
+        image = decode_image(_image_bytes(ref), max_pixels, draft=reducer.draft if reducer else None)
     except ImageError as e:
         return Failure(key, source, "decode", str(e))
     try:
@@ -107,12 +111,14 @@ def process_image(
             key, source, "decode", f"cannot orient or convert {image.mode} image: {type(e).__name__}: {e}"
         )
     try:
-        plan = strategy.plan(*rgb.size)
+        plan = reducer.plan if reducer is not None and reducer.plan is not None else strategy.plan(*rgb.size)
     except ValueError as e:
         return Failure(key, source, "plan", f"refused by {strategy.name}: {e}")
     stored = None
     if pixels:
         try:
+            if reducer is not None:
+                rgb = reducer.reduce(rgb, plan)
             stored = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
         except (MemoryError, ValueError, OSError, Image.DecompressionBombError) as e:
             return Failure(key, source, "render", f"{type(e).__name__}: {e}")
@@ -134,6 +140,7 @@ def process_sample(
     *,
     pixels: bool = True,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    fast: bool = False,
 ) -> SampleRecord | Failure:
     """Every image of a sample under the strategy the sample's image count and budget call for.
 
@@ -147,7 +154,9 @@ def process_sample(
         return Failure(sample.key, sample.source, "plan", str(e))
     records = []
     for index, ref in enumerate(sample.images):
-        out = process_image(ref, sample.key, per_image, dtype, pixels=pixels, max_pixels=max_pixels)
+        out = process_image(
+            ref, sample.key, per_image, dtype, pixels=pixels, max_pixels=max_pixels, fast=fast
+        )
         if isinstance(out, Failure):
             which = f"image {index + 1} of {n} ({ref.name}): " if n > 1 else ""
             return Failure(sample.key, ref.source, out.stage, which + out.reason)

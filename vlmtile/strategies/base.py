@@ -233,8 +233,19 @@ class Strategy:
         raise NotImplementedError
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
-        """A view of a `plan.shape` array with the colour channel on axis 1 (for normalization)."""
+        """A view of a C-contiguous `plan.shape` array with the colour channel on axis 1 (for
+        normalization); a reshape, so that every axis after the channel is contiguous."""
         return pixels
+
+    def source_size(self, plan: Plan) -> tuple[int, int]:
+        """The largest width and height any resize of `render` produces from the image (per axis).
+
+        `--fast` shrinks the source cheaply (JPEG DCT scaling, box reduction) but never below this, so the
+        strategy's own resizes still only reduce. Default: the image's box on the canvas; strategies with a
+        second view (thumbnail, base image, global view) take the larger of the two per axis.
+        """
+        left, top, right, bottom = plan.image_box
+        return right - left, bottom - top
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         """Undo the layout for people: (label, HxWx3 uint8) images, the resized canvas first.
@@ -316,10 +327,23 @@ class Strategy:
         """
         table = _table(self.mean, self.std, np.dtype(dtype))
         out = np.empty(pixels.shape, dtype=table.dtype)
-        src = self.channel_view(pixels)
+        src = self.channel_view(np.ascontiguousarray(pixels))
         dst = self.channel_view(out)
-        for c in range(3):
-            np.take(table[c], src[:, c], out=dst[:, c])
+        n = src.shape[0]
+        src, dst = src.reshape(n, 3, -1), dst.reshape(n, 3, -1)
+        # In slices of _GATHER_CHUNK values: np.take converts its indices to intp (8 bytes each) before it
+        # gathers, and a slice's worth stays in cache; one call over a 12 MP image is 2.5x slower.
+        per = src.shape[2]
+        rows = max(1, _GATHER_CHUNK // per)
+        cols = min(per, _GATHER_CHUNK)
+        for start in range(0, n, rows):
+            for c in range(3):
+                for col in range(0, per, cols):
+                    np.take(
+                        table[c],
+                        src[start : start + rows, c, col : col + cols],
+                        out=dst[start : start + rows, c, col : col + cols],
+                    )
         return out
 
     def process(self, image: Image.Image) -> Result:
@@ -342,6 +366,9 @@ def _type_hints(cls: type[Strategy]) -> dict[str, Any]:
 
 
 _TABLES: dict[tuple[tuple[float, ...], tuple[float, ...], np.dtype[Any]], np.ndarray] = {}
+_GATHER_CHUNK = 1 << 17
+"""Values per `np.take` call in `normalize` (measured: 2^16..2^18 are equally fast, all ~2.5x faster
+than one call per channel on a 12-tile InternVL image)."""
 
 
 def _table(mean: tuple[float, ...], std: tuple[float, ...], dtype: np.dtype[Any]) -> np.ndarray:

@@ -205,7 +205,7 @@ class DeepSeekVL2(Strategy):
         t = self.tile_size
         cols, rows = plan.grid
         out = np.empty(plan.shape, dtype=np.uint8)
-        global_view = self._pad(image, t, t, pad_box(image.width, image.height, t, t))
+        global_view = self._pad(image, t, t, pad_box(plan.orig_width, plan.orig_height, t, t))
         out[0] = global_view.transpose(2, 0, 1)
         if (plan.resized_width, plan.resized_height) == (t, t):
             local = global_view  # the reference pads the same image to the same size twice
@@ -213,6 +213,12 @@ class DeepSeekVL2(Strategy):
             local = self._pad(image, plan.resized_width, plan.resized_height, plan.content_box)
         cut_tiles(local, cols, rows, out[1:])
         return out
+
+    def source_size(self, plan: Plan) -> tuple[int, int]:
+        t = self.tile_size
+        left, top, right, bottom = pad_box(plan.orig_width, plan.orig_height, t, t)
+        width, height = super().source_size(plan)
+        return max(width, right - left), max(height, bottom - top)
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         cols, rows = plan.grid

@@ -157,6 +157,10 @@ class InternVL(Strategy):
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
 
+    def source_size(self, plan: Plan) -> tuple[int, int]:
+        t = self.tile_size if plan.thumbnail else 0
+        return max(plan.resized_width, t), max(plan.resized_height, t)
+
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         cols, rows = plan.grid
         views = [("tiles, row-major", join_tiles(pixels[: cols * rows], cols, rows))]

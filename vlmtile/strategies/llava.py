@@ -303,6 +303,14 @@ class LlavaNext(Strategy):
         out[0] = np.asarray(square.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
         return out
 
+    def source_size(self, plan: Plan) -> tuple[int, int]:
+        t = self.tile_size
+        if not self.anyres:  # the padded square's long side becomes t
+            long = max(plan.orig_width, plan.orig_height)
+            return -(-plan.orig_width * t // long), -(-plan.orig_height * t // long)
+        width, height = super().source_size(plan)
+        return max(width, t), max(height, t)  # the base image is a t x t squash
+
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
         """uint8 (1 + cols*rows, 3, t, t): the base image squashed to t x t first, then the tiles
         (anyres=False: (1, 3, t, t), the padded square)."""
