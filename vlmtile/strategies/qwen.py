@@ -15,7 +15,7 @@ import dataclasses
 import math
 import types
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -132,6 +132,21 @@ class QwenVL(Strategy):
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
         return pixels.reshape(pixels.shape[0], 3, -1)
+
+    def normalize(self, pixels: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Normalize one temporal copy and repeat the floats: a still image's `temporal_patch_size` copies
+        are equal (render repeats the frame), and the table gather costs ten times a copy. Arrays whose
+        copies differ (not from `render`) take the general path."""
+        t = self.temporal_patch_size
+        n = pixels.shape[0]
+        frames = pixels.reshape(n, 3, t, -1)
+        if not all(np.array_equal(frames[:, :, 0], frames[:, :, i]) for i in range(1, t)):
+            return super().normalize(pixels, dtype)
+        frame = np.ascontiguousarray(frames[:, :, 0]).reshape(n, -1)
+        normalized = super().normalize(frame, dtype)
+        out = np.empty((n, 3, t, frame.shape[1] // 3), dtype=normalized.dtype)
+        out[...] = normalized.reshape(n, 3, 1, -1)
+        return out.reshape(pixels.shape)
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size

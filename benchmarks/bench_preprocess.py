@@ -1,0 +1,655 @@
+#!/usr/bin/env python
+"""Throughput of `vlmtile preprocess` against the loop users write today and against the machine's bound.
+
+Standalone script, not part of the test suite. For every registered strategy, on the same images and in
+the same run, it measures:
+
+  user       the loop a user writes today: `Image.open`, the model's reference preprocessing, `np.save` of
+             the float32 `pixel_values`, one image after another in one process. The reference is the
+             transformers `*ImageProcessorPil` the public checkpoints configure (InternVL3-hf's GotOcr2,
+             Qwen2-VL, LLaVA-NeXT, LLaVA-OneVision); DeepSeek-VL2 and XComposer have no transformers
+             processor, so their original code as restated (numpy for torchvision's ToTensor/Normalize) in
+             the parity tests is used.
+  bound      the machine's bound for the strategy: decode, RGB conversion and exactly the resizes the
+             reference performs, nothing else, in 1 process and in a pool of 2 (on these 2 cores).
+  vlmtile    `preprocess` (strict, bit-exact), Parquet, float16 (the default), 1 and 2 workers.
+  fast       `preprocess --fast` (not bit-exact), 2 workers; its PSNR against strict output is computed
+             separately (untimed) on every image.
+
+and, for `internvl` only, a profile of where the time goes per image (decode, RGB, the reference's resizes,
+tiling / layout, normalization, the rest = writing and bookkeeping), the output bytes per image for every
+storage dtype, and the peak memory of a 2-worker run on 4000x3000 photos for 8 and 32 images (to show it
+does not grow with the number of images).
+
+Images (generated, deterministic, no downloads): photo-like JPEGs (quality 90, 4:2:0; `make_photo` from
+bench_stats.py: gradients, blobs, hard edges, texture and grain) at 0.3, 0.8, 2 (landscape and portrait),
+12 (landscape and portrait) and 20 MP, an RGB PNG photo at 3 MP, and A4 document scans as greyscale PNG at
+150 and 300 dpi (text, rules, a table and a figure).
+
+Every timed case runs in a fresh child process, timed around the work only (imports and interpreter
+start-up excluded; pool / worker start-up included); the images are in the page cache for all cases. Peak
+memory is the largest sum of PSS (proportional set size: shared pages counted once) over the child and
+all its descendants, polled every 20 ms. Cases are interleaved across repeats; medians are reported.
+
+    python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~25 min
+    python benchmarks/bench_preprocess.py --quick               # 2 strategies, 1 repeat, smoke run
+    python benchmarks/bench_preprocess.py -s internvl -s qwen2.5-vl --markdown perf.md --json perf.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from bench_stats import make_photo, wait_for_quiet
+from PIL import Image, ImageDraw, ImageFont
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GENERATOR_VERSION = 1
+"""Bump when the image set changes, so that cached images are regenerated."""
+
+IMAGE_SET = (
+    ("photo", 640, 480),
+    ("photo", 1024, 768),
+    ("photo", 1920, 1080),
+    ("photo", 1080, 1920),
+    ("photo", 4000, 3000),
+    ("photo", 3000, 4000),
+    ("photo", 5472, 3648),
+    ("photo-png", 2048, 1536),
+    ("scan", 1240, 1754),
+    ("scan", 2480, 3508),
+)
+"""(kind, width, height): 0.3 to 20 MP, JPEG and PNG, portrait and landscape, photos and documents."""
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "internvl": {},
+    "qwen2-vl": {},
+    "qwen2.5-vl": {"max_pixels": 1003520},
+    "qwen3-vl": {},
+    "llava-next": {},
+    "llava-onevision": {},
+    "deepseek-vl2": {},
+    "xcomposer2-4khd": {},
+    "xcomposer2.5": {},
+    "xcomposer2-vl": {},
+    "xcomposer2": {},
+}
+"""Every registered strategy with its preset's defaults, except Qwen2.5-VL at max_pixels 1003520 (a common
+training budget, and the setting the performance issue quotes); qwen2-vl shows the 12.8 MP default."""
+
+# ---------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_document(width: int, height: int, seed: int) -> Image.Image:
+    """A greyscale A4 page scan: headings, paragraphs of text, rules, a table and a figure, paper grain."""
+    rng = np.random.default_rng(seed)
+    page = Image.new("L", (width, height), 244)
+    draw = ImageDraw.Draw(page)
+    dpi = width / 8.27
+    margin = int(dpi * 0.8)
+    body = ImageFont.load_default(size=max(8, int(dpi * 11 / 72)))
+    heading = ImageFont.load_default(size=max(10, int(dpi * 16 / 72)))
+    words = "model tile token image patch grid resize aspect ratio pixel budget vision encoder".split()
+    y = margin
+    line_height = int(dpi * 15 / 72)
+    section = 0
+    while y < height - margin - 10 * line_height:
+        section += 1
+        draw.text((margin, y), f"{section}. Section heading {section}", fill=20, font=heading)
+        y += int(line_height * 1.8)
+        for _ in range(int(rng.integers(6, 14))):
+            line = " ".join(str(rng.choice(words)) for _ in range(int(rng.integers(9, 14))))
+            draw.text((margin, y), line, fill=30, font=body)
+            y += line_height
+        if section % 2 == 0:  # a table
+            cols, rows = 4, 5
+            cell_w, cell_h = (width - 2 * margin) // cols, line_height + 6
+            for r in range(rows + 1):
+                draw.line((margin, y + r * cell_h, width - margin, y + r * cell_h), fill=60, width=2)
+            for c in range(cols + 1):
+                draw.line((margin + c * cell_w, y, margin + c * cell_w, y + rows * cell_h), fill=60, width=2)
+            for r in range(rows):
+                for c in range(cols):
+                    draw.text(
+                        (margin + c * cell_w + 6, y + r * cell_h + 3),
+                        f"{rng.integers(0, 1000)}",
+                        fill=30,
+                        font=body,
+                    )
+            y += rows * cell_h + line_height
+        else:  # a figure: a plotted curve in a box
+            box_h = int(dpi * 1.6)
+            draw.rectangle((margin, y, width - margin, y + box_h), outline=50, width=2)
+            xs = np.linspace(0, 6 * np.pi, 200)
+            points = [
+                (margin + i * (width - 2 * margin) / 199, y + box_h / 2 - np.sin(x) * box_h * 0.35)
+                for i, x in enumerate(xs)
+            ]
+            draw.line(points, fill=40, width=3)
+            y += box_h + line_height
+    pixels = np.asarray(page).astype(np.int16) + rng.integers(-6, 7, (height, width), dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+
+
+def generate(directory: str) -> list[str]:
+    """Write IMAGE_SET into `directory` (kept between runs); returns the paths in processing order."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, (kind, width, height) in enumerate(IMAGE_SET):
+        suffix = "jpg" if kind == "photo" else "png"
+        path = os.path.join(directory, f"{i:02d}_{kind}_{width}x{height}.{suffix}")
+        if not os.path.exists(path):
+            tmp = path + ".tmp"
+            if kind == "scan":
+                make_document(width, height, i).save(tmp, "PNG")
+            elif kind == "photo-png":
+                make_photo(width, height, 500 + i).save(tmp, "PNG")
+            else:
+                make_photo(width, height, 500 + i).save(tmp, "JPEG", quality=90, subsampling="4:2:0")
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def photos_4000x3000(directory: str, count: int) -> str:
+    """A folder of `count` 12 MP JPEGs (hard links to 4 distinct ones) for the memory case."""
+    os.makedirs(directory, exist_ok=True)
+    originals = []
+    for i in range(4):
+        path = os.path.join(directory, f"..orig{i}.jpg")
+        if not os.path.exists(path):
+            make_photo(4000, 3000, 900 + i).save(path + ".tmp", "JPEG", quality=90)
+            os.replace(path + ".tmp", path)
+        originals.append(path)
+    folder = os.path.join(directory, f"n{count}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        target = os.path.join(folder, f"photo_{i:03d}.jpg")
+        if not os.path.exists(target):
+            os.link(originals[i % 4], target)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The user's loop and the bound
+# ---------------------------------------------------------------------------------------------------------
+
+
+def user_preprocessor(name: str) -> Callable[[Image.Image], np.ndarray]:
+    """What a user calls today for one image: a PIL image in, float32 `pixel_values` out."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    params = STRATEGIES[name]
+    if name == "internvl":
+        from test_parity import got_processor
+
+        processor = got_processor(12)
+    elif name.startswith("qwen"):
+        from transformers import Qwen2VLImageProcessorPil
+
+        if name == "qwen3-vl":
+            processor = Qwen2VLImageProcessorPil(
+                patch_size=16,
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+                min_pixels=65536,
+                max_pixels=16777216,
+            )
+        else:
+            budget = params.get("max_pixels", 12845056)
+            processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=budget)
+    elif name.startswith("llava"):
+        from test_llava import image_processor
+
+        processor = image_processor(name)
+    elif name == "deepseek-vl2":
+        from test_deepseek import load_original, ref_tokenize_images
+
+        return lambda image: ref_tokenize_images([load_original(image)], cropping=True)[0]
+    else:
+        from test_xcomposer import reference_pixels
+
+        return lambda image: reference_pixels(image, name)
+    return lambda image: processor(image, return_tensors="np")["pixel_values"]
+
+
+def bound_resizes(strategy: Any, image: Image.Image) -> None:
+    """The resizes the reference performs on an RGB image, and nothing else (no tiling, no padding)."""
+    from vlmtile.strategies.deepseek import DeepSeekVL2, pad_box
+    from vlmtile.strategies.internvl import InternVL
+    from vlmtile.strategies.llava import LlavaNext
+    from vlmtile.strategies.xcomposer import XComposerFixed, XComposerHD
+
+    bicubic, bilinear = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
+    plan = strategy.plan(*image.size)
+    left, top, right, bottom = plan.image_box
+    if isinstance(strategy, XComposerHD):
+        source = image.transpose(Image.Transpose.TRANSPOSE) if plan.transposed else image
+        size = (bottom - top, right - left) if plan.transposed else (right - left, bottom - top)
+        source.resize(size, bilinear)
+    elif isinstance(strategy, XComposerFixed):
+        image.resize((strategy.image_size, strategy.image_size), bicubic)
+    elif isinstance(strategy, DeepSeekVL2):
+        t = strategy.tile_size
+        g_left, g_top, g_right, g_bottom = pad_box(image.width, image.height, t, t)
+        image.resize((g_right - g_left, g_bottom - g_top), bicubic)
+        if (plan.resized_width, plan.resized_height) != (t, t):
+            image.resize((right - left, bottom - top), bicubic)
+    elif isinstance(strategy, LlavaNext):
+        image.resize((strategy.tile_size, strategy.tile_size), bicubic)
+        image.resize((right - left, bottom - top), bicubic)
+    elif isinstance(strategy, InternVL):
+        image.resize((plan.resized_width, plan.resized_height), bicubic)
+        if plan.thumbnail:
+            image.resize((strategy.tile_size, strategy.tile_size), bicubic)
+    else:  # Qwen
+        image.resize((plan.resized_width, plan.resized_height), bicubic)
+
+
+def _bound_one(args: tuple[str, str]) -> int:
+    import vlmtile
+
+    name, path = args
+    strategy = vlmtile.get_strategy(name, **STRATEGIES[name])
+    with Image.open(path) as image:
+        image.load()
+        bound_resizes(strategy, strategy.prepare(image))
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Children
+# ---------------------------------------------------------------------------------------------------------
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    import vlmtile
+
+    case, name, paths = spec["case"], spec["strategy"], spec["paths"]
+    strategy = vlmtile.get_strategy(name, **STRATEGIES[name])
+    if case == "user":
+        preprocess_image = user_preprocessor(name)
+        with Image.open(paths[0]) as warm:  # load the processor's lazy imports outside the timing
+            preprocess_image(warm.resize((64, 48)).convert("RGB"))
+        started = time.perf_counter()
+        for i, path in enumerate(paths):
+            with Image.open(path) as image:
+                np.save(os.path.join(spec["output"], f"{i}.npy"), preprocess_image(image))
+        return {"seconds": time.perf_counter() - started, "images": len(paths)}
+    if case == "bound":
+        started = time.perf_counter()
+        if spec["workers"] == 1:
+            done = sum(_bound_one((name, p)) for p in paths)
+        else:
+            ctx = multiprocessing.get_context("forkserver")
+            with ctx.Pool(spec["workers"]) as pool:
+                done = sum(pool.imap_unordered(_bound_one, [(name, p) for p in paths]))
+        return {"seconds": time.perf_counter() - started, "images": done}
+    if case == "profile":
+        return profile(strategy, paths)
+    config = vlmtile.RunConfig(
+        inputs=tuple(spec["inputs"]),
+        output=spec["output"],
+        strategy=strategy,
+        dtype=spec.get("dtype", "float16"),
+        workers=spec["workers"],
+        shard_size=1,
+        progress=False,
+        fast=case == "fast",
+    )
+    started = time.perf_counter()
+    summary = vlmtile.preprocess(config)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images": summary.records, "bytes": summary.bytes, "tokens": summary.tokens}
+
+
+def profile(strategy: Any, paths: list[str]) -> dict[str, Any]:
+    """Per-stage time over the image set, in one process: what the strict pipeline spends where."""
+    from vlmtile.decode import decode_image, read_bytes
+    from vlmtile.dtypes import encode_pixels
+
+    stages = dict.fromkeys(("read", "decode", "rgb", "resizes", "render", "normalize"), 0.0)
+    for path in paths:
+        t0 = time.perf_counter()
+        data = read_bytes(path)
+        t1 = time.perf_counter()
+        image = decode_image(data)
+        t2 = time.perf_counter()
+        rgb = strategy.prepare(image)
+        t3 = time.perf_counter()
+        bound_resizes(strategy, rgb)
+        t4 = time.perf_counter()
+        pixels = strategy.render(rgb, strategy.plan(*rgb.size))
+        t5 = time.perf_counter()
+        encode_pixels(strategy, pixels, "float16")
+        t6 = time.perf_counter()
+        times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+        for stage, seconds in zip(stages, times, strict=True):
+            stages[stage] += seconds
+    return {"stages": stages, "images": len(paths)}
+
+
+def psnr_fast(name: str, paths: list[str]) -> list[float]:
+    """PSNR (dB, peak 255) of `--fast` against strict, per image, on the uint8 pixels in model layout."""
+    import vlmtile
+    from vlmtile.samples import ImageRef
+    from vlmtile.work import Record, process_image
+
+    strategy = vlmtile.get_strategy(name, **STRATEGIES[name])
+    values = []
+    for path in paths:
+        ref = ImageRef("image", path, path=path)
+        strict = process_image(ref, "k", strategy, "uint8")
+        fast = process_image(ref, "k", strategy, "uint8", fast=True)
+        assert isinstance(strict, Record) and isinstance(fast, Record), (strict, fast)
+        assert strict.metadata == fast.metadata, "fast mode must keep the plan"
+        assert strict.pixels is not None and fast.pixels is not None
+        diff = strict.pixels.astype(np.float64) - fast.pixels.astype(np.float64)
+        mse = float(np.mean(diff * diff))
+        values.append(math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running children and watching their memory
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        pids += kids
+        frontier += kids
+    return pids
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    output = tempfile.mkdtemp(prefix="vlmtile-bench-out-", dir=spec["scratch"])
+    spec = {**spec, "output": output}
+    process = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, sum(_pss_kib(p) for p in _tree(process.pid)))
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = process.communicate()
+    stop.set()
+    watcher.join()
+    shutil.rmtree(output, ignore_errors=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"child {spec['case']} {spec['strategy']} failed:\n{stderr}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_mib"] = peak / 1024
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+CASES = (("user", 1), ("bound", 1), ("bound", 2), ("vlmtile", 1), ("vlmtile", 2), ("fast", 2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("-s", "--strategy", action="append", help="Strategies to run [all registered].")
+    parser.add_argument("--repeats", type=int, default=3, help="Repeats per case; medians reported [3].")
+    parser.add_argument("--data-dir", help="Where to keep the generated images [a cache under $TMPDIR].")
+    parser.add_argument("--wait-load", type=float, default=0.7, help="Wait for 1-min load below this [0.7].")
+    parser.add_argument("--wait-timeout", type=float, default=600, help="Longest wait in seconds [600].")
+    parser.add_argument("--no-extras", action="store_true", help="Skip the profile, dtype and memory cases.")
+    parser.add_argument("--quick", action="store_true", help="internvl and qwen2.5-vl, 1 repeat, no waiting.")
+    parser.add_argument("--json", help="Also write all results to this JSON file.")
+    parser.add_argument("--markdown", help="Also write the results tables as Markdown to this file.")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    import vlmtile
+
+    names = args.strategy or list(STRATEGIES)
+    if args.quick:
+        names, args.repeats, args.wait_timeout = args.strategy or ["internvl", "qwen2.5-vl"], 1, 0
+    unknown = sorted(set(names) - set(STRATEGIES))
+    if unknown or set(vlmtile.list_strategies()) != set(STRATEGIES):
+        unlisted = sorted(set(vlmtile.list_strategies()) - set(STRATEGIES))
+        raise SystemExit(f"unknown strategies {unknown}, or registered but not benchmarked {unlisted}")
+
+    tag = hashlib.sha256(f"{GENERATOR_VERSION}".encode()).hexdigest()[:10]
+    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), f"vlmtile-bench-preprocess-{tag}")
+    started = time.perf_counter()
+    paths = generate(os.path.join(data_dir, "images"))
+    megapixels = sum(w * h for _, w, h in IMAGE_SET) / 1e6
+    print(
+        f"{len(paths)} images, {megapixels:.1f} MP, {sum(os.path.getsize(p) for p in paths) / 1e6:.1f} MB "
+        f"in {data_dir} ({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
+    for path in paths:  # into the page cache
+        with open(path, "rb") as f:
+            f.read()
+    scratch = tempfile.mkdtemp(prefix="vlmtile-bench-scratch-")
+    folder = os.path.dirname(paths[0])
+
+    def spec(case: str, name: str, workers: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "case": case,
+            "strategy": name,
+            "workers": workers,
+            "paths": paths,
+            "inputs": [folder],
+            "scratch": scratch,
+            **extra,
+        }
+
+    print("warm-up: every case once (not counted)", flush=True)
+    for name in names:
+        for case, workers in CASES:
+            run_child(spec(case, name, workers))
+    load = wait_for_quiet(args.wait_load, args.wait_timeout)
+    print(f"load before measuring: {load['load']:.2f} (settled: {load['settled']})", flush=True)
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for rep in range(args.repeats):
+        for name in names:
+            for case, workers in CASES:
+                result = run_child(spec(case, name, workers))
+                runs.setdefault((name, case, workers), []).append(result)
+                rate = result["images"] / result["seconds"]
+                print(
+                    f"  [{rep + 1}/{args.repeats}] {name:16s} {case:8s} x{workers}: {rate:6.2f} img/s, "
+                    f"peak {result['peak_mib']:6.0f} MiB",
+                    flush=True,
+                )
+    load_after = os.getloadavg()[0]
+
+    def median(name: str, case: str, workers: int, key: str = "rate") -> float:
+        results = runs[(name, case, workers)]
+        if key == "rate":
+            return statistics.median(r["images"] / r["seconds"] for r in results)
+        return statistics.median(r[key] for r in results)
+
+    rows = []
+    for name in names:
+        psnr = psnr_fast(name, paths)
+        rate = {(c, w): median(name, c, w) for c, w in CASES}
+        rows.append(
+            {
+                "strategy": name,
+                "params": STRATEGIES[name],
+                "rates": {f"{c}x{w}": v for (c, w), v in rate.items()},
+                "strict_vs_bound_1": rate[("vlmtile", 1)] / rate[("bound", 1)],
+                "strict_vs_bound_2": rate[("vlmtile", 2)] / rate[("bound", 2)],
+                "strict_vs_user": rate[("vlmtile", 2)] / rate[("user", 1)],
+                "user_vs_bound_2": rate[("user", 1)] / rate[("bound", 2)],
+                "scaling": rate[("vlmtile", 2)] / rate[("vlmtile", 1)],
+                "fast_vs_strict": rate[("fast", 2)] / rate[("vlmtile", 2)],
+                "psnr_min": min(psnr),
+                "psnr_median": statistics.median(psnr),
+                "peak_mib_2": median(name, "vlmtile", 2, "peak_mib"),
+                "bytes_per_image": median(name, "vlmtile", 2, "bytes") / len(paths),
+            }
+        )
+
+    extras: dict[str, Any] = {}
+    if not args.no_extras:
+        extras = run_extras(scratch, data_dir, paths, folder, args.repeats)
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "pillow": Image.__version__,
+            "numpy": np.__version__,
+            "cpus": os.cpu_count(),
+            "load_before": load["load"],
+            "load_after": load_after,
+        },
+        "images": [{"path": os.path.basename(p), "bytes": os.path.getsize(p)} for p in paths],
+        "megapixels": megapixels,
+        "repeats": args.repeats,
+        "rows": rows,
+        "extras": extras,
+    }
+    table = markdown(result)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_extras(scratch: str, data_dir: str, paths: list[str], folder: str, repeats: int) -> dict[str, Any]:
+    """internvl only: the per-stage profile, bytes per image per dtype, and peak memory vs image count."""
+    extras: dict[str, Any] = {}
+    base = {"strategy": "internvl", "paths": paths, "inputs": [folder], "scratch": scratch}
+    profiles = [run_child({**base, "case": "profile", "workers": 1}) for _ in range(repeats)]
+    extras["profile"] = {
+        stage: statistics.median(p["stages"][stage] for p in profiles) for stage in profiles[0]["stages"]
+    }
+    strict = [run_child({**base, "case": "vlmtile", "workers": 1}) for _ in range(repeats)]
+    extras["profile"]["total"] = statistics.median(r["seconds"] for r in strict)
+    extras["bytes_per_image"] = {}
+    for dtype in ("float32", "float16", "bfloat16", "uint8"):
+        done = run_child({**base, "case": "vlmtile", "workers": 2, "dtype": dtype})
+        extras["bytes_per_image"][dtype] = done["bytes"] / done["images"]
+    extras["memory"] = {}
+    for count in (8, 32):
+        many = photos_4000x3000(os.path.join(data_dir, "memory"), count)
+        done = run_child({**base, "case": "vlmtile", "workers": 2, "inputs": [many]})
+        extras["memory"][count] = {"peak_mib": done["peak_mib"], "images": done["images"]}
+    return extras
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, Pillow {m['pillow']}, numpy "
+        f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after. "
+        f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; "
+        f"medians of {result['repeats']} (images/s).",
+        "",
+        "| strategy | user loop | bound 1p | bound 2p | strict 1w | strict 2w | fast 2w "
+        "| strict / bound (1 core, 2 cores) | strict 2w / user | user / bound 2p | 2w / 1w | fast / strict "
+        "| fast PSNR min (median) | peak 2w | MB / image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        r = row["rates"]
+        lines.append(
+            f"| `{row['strategy']}` | {r['userx1']:.2f} | {r['boundx1']:.2f} | {r['boundx2']:.2f} | "
+            f"{r['vlmtilex1']:.2f} | {r['vlmtilex2']:.2f} | {r['fastx2']:.2f} | "
+            f"{row['strict_vs_bound_1']:.2f}x, {row['strict_vs_bound_2']:.2f}x | "
+            f"{row['strict_vs_user']:.2f}x | "
+            f"{row['user_vs_bound_2']:.2f}x | {row['scaling']:.2f}x | {row['fast_vs_strict']:.2f}x | "
+            f"{row['psnr_min']:.1f} ({row['psnr_median']:.1f}) dB | {row['peak_mib_2']:.0f} MiB | "
+            f"{row['bytes_per_image'] / 1e6:.1f} |"
+        )
+    extras = result["extras"]
+    if extras:
+        p = extras["profile"]
+        total = p["total"]
+        layout = p["render"] - p["resizes"]
+        rest = total - sum(p[s] for s in ("read", "decode", "rgb", "render", "normalize"))
+        lines += [
+            "",
+            "internvl, 1 worker, where the time goes (whole image set):",
+            "",
+            "| stage | seconds | share |",
+            "|---|---:|---:|",
+        ]
+        stages = (
+            ("read file", p["read"]),
+            ("decode", p["decode"]),
+            ("RGB conversion", p["rgb"]),
+            ("the reference's resizes", p["resizes"]),
+            ("tiling / layout", layout),
+            ("normalize to float16", p["normalize"]),
+            ("write + bookkeeping", rest),
+        )
+        for stage, seconds in stages:
+            lines.append(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} |")
+        lines += [
+            "",
+            "internvl output bytes per image: "
+            + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in extras["bytes_per_image"].items()),
+        ]
+        lines += [
+            "",
+            "Peak PSS, 2 workers, 4000x3000 JPEGs: "
+            + ", ".join(f"{n} images {v['peak_mib']:.0f} MiB" for n, v in extras["memory"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
