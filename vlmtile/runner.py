@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -327,8 +328,19 @@ def _task_samples(task: ShardTask) -> Iterable[Sample | Failure]:
     return task.samples
 
 
+def _one_thread_per_worker() -> None:
+    """In a worker process, keep pyarrow to one thread: the pool already runs one worker per core, and
+    pyarrow's default pool (one thread per core) would only make workers compete for the same cores."""
+    if multiprocessing.parent_process() is not None:
+        import pyarrow as pa
+
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
+
+
 def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     """Worker entry point: process this task's samples, write its files and its completion record."""
+    _one_thread_per_worker()
     config = task.config
     failures: list[Failure] = []
     failed_inputs: list[str | None] = []

@@ -132,12 +132,42 @@ def sample_metadata(record: SampleRecord, dtype: str) -> dict[str, Any]:
     }
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+class HashingFile(io.RawIOBase):
+    """A write-only file that hashes what goes through it: the checksum costs no second read.
+
+    Both writers write strictly sequentially (Parquet appends its footer, tar its end blocks), so the
+    digest of the writes is the digest of the file.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.digest = hashlib.sha256()
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:  # tarfile asks where it is; it never seeks
+        return self.position
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self._file.write(view)
+        self.position += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes first
+            self._file.close()
 
 
 def _fsync(path: str) -> None:
@@ -171,6 +201,7 @@ class ShardSink:
         self.pixels = pixels
         directory, name = os.path.split(path)
         self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        self.file = HashingFile(self.tmp_path)
         self.records = 0
         self.bytes = 0
         """Bytes written so far (pixels plus metadata, approximately the file size): rotation reads it."""
@@ -188,9 +219,10 @@ class ShardSink:
 
     def commit(self) -> ShardFile:
         self._finish()
+        self.file.close()
         _fsync(self.tmp_path)
         size = os.path.getsize(self.tmp_path)
-        checksum = sha256_file(self.tmp_path)
+        checksum = self.file.digest.hexdigest()
         os.replace(self.tmp_path, self.path)
         _fsync(os.path.dirname(self.path) or ".")
         return ShardFile(os.path.basename(self.path), size, checksum)
@@ -199,6 +231,8 @@ class ShardSink:
         # The shard is being thrown away; the error that brought us here is the one that matters.
         with contextlib.suppress(Exception):
             self._discard()
+        with contextlib.suppress(Exception):
+            self.file.close()
         if os.path.exists(self.tmp_path):
             os.unlink(self.tmp_path)
 
@@ -235,7 +269,7 @@ class ParquetSink(ShardSink):
         self.schema = schema
         small = [n for n in schema.names if n != "pixel_values"]
         self._writer = pq.ParquetWriter(
-            self.tmp_path,
+            self.file,
             schema,
             # Normalized floats barely compress and uint8 little; spend no CPU on the pixel column.
             compression={n: ("NONE" if n == "pixel_values" else "ZSTD") for n in schema.names},
@@ -243,6 +277,8 @@ class ParquetSink(ShardSink):
             write_statistics=small,
         )
         self._rows: list[dict[str, Any]] = []
+        self._pixels: list[np.ndarray] = []
+        """Image layout: the row group's arrays, kept as they are until the flush wraps them (no copy)."""
         self._buffered = 0
 
     def _row(self, record: SampleRecord) -> dict[str, Any]:
@@ -250,7 +286,7 @@ class ParquetSink(ShardSink):
             (image,) = record.images
             row = {k: v for k, v in image.metadata.items() if k != "name"}
             if self.pixels and image.pixels is not None:
-                row["pixel_values"] = _raw(image.pixels)
+                self._pixels.append(np.ascontiguousarray(image.pixels))
             return row
         row = sample_metadata(record, self.dtype)
         row["sample"] = sample_json(record)
@@ -272,11 +308,18 @@ class ParquetSink(ShardSink):
         if not self._rows:
             return
         names = self.schema.names
-        table = pa.Table.from_pylist(
-            [{n: row.get(n) for n in names} for row in self._rows], schema=self.schema
-        )
-        self._writer.write_table(table)
+        if self._pixels:  # image layout: every other column from the rows, pixels wrapped zero-copy
+            small = self.schema.remove(self.schema.get_field_index("pixel_values"))
+            table = pa.Table.from_pylist([{n: row.get(n) for n in small.names} for row in self._rows], small)
+            table = table.append_column(self.schema.field("pixel_values"), _binary_column(self._pixels))
+            table = table.select(names)
+        else:
+            table = pa.Table.from_pylist(
+                [{n: row.get(n) for n in names} for row in self._rows], schema=self.schema
+            )
+        self._writer.write_table(table, row_group_size=len(self._rows))
         self._rows.clear()
+        self._pixels.clear()
         self._buffered = 0
 
     def _finish(self) -> None:
@@ -286,6 +329,25 @@ class ParquetSink(ShardSink):
     def _discard(self) -> None:
         self._rows.clear()
         self._writer.close()
+
+
+def _binary_column(arrays: list[np.ndarray]) -> pa.ChunkedArray:
+    """A large_binary column holding each array's bytes, one chunk per array, without copying them: the
+    Parquet writer reads the numpy buffers directly (`tobytes` plus `from_pylist` copied every pixel
+    twice, ~4% of a 12-tile InternVL image's time)."""
+    chunks = [
+        pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(),
+            1,
+            [
+                None,
+                pa.py_buffer(np.array([0, a.nbytes], dtype=np.int64)),
+                pa.py_buffer(a.reshape(-1).view(np.uint8)),
+            ],
+        )
+        for a in arrays
+    ]
+    return pa.chunked_array(chunks, type=pa.large_binary())
 
 
 def _raw(pixels: np.ndarray | None) -> bytes:
@@ -311,8 +373,7 @@ class TarSink(ShardSink):
         pixels: bool = True,
     ) -> None:
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
-        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed by _finish / _discard
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -354,11 +415,10 @@ class TarSink(ShardSink):
         self.records += 1
 
     def _finish(self) -> None:
-        self._tar.close()
-        self._file.close()
+        self._tar.close()  # writes the end-of-archive blocks; the file itself stays open for commit
 
     def _discard(self) -> None:
-        self._file.close()
+        self.file.close()
 
 
 SINKS: dict[str, type[ShardSink]] = {"parquet": ParquetSink, "webdataset": TarSink}
