@@ -28,8 +28,12 @@ from .work import SampleRecord
 TAR_MTIME = 0
 """Fixed member mtime, so the same records give a byte-identical tar."""
 
-ROW_GROUP_BYTES = 128 * 1024 * 1024
-"""Pixel bytes per Parquet row group: big rows need byte-sized groups, not pyarrow's 1M-row default."""
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+"""Pixel bytes per Parquet row group: big rows need byte-sized groups, not pyarrow's 1M-row default. Small
+enough that a shard reaches the disk while its worker computes the next images (see `HashingFile`), and
+that a reader holds little to get at one row; 2-3 12-MP InternVL images, ~30 at 1 MP in uint8."""
+WRITEBACK_BYTES = 8 * 1024 * 1024
+"""How often (in bytes written) a shard file asks the kernel to start writing it to disk."""
 
 _META_TYPES = {
     "int": pa.int64(),
@@ -137,6 +141,12 @@ class HashingFile(io.RawIOBase):
 
     Both writers write strictly sequentially (Parquet appends its footer, tar its end blocks), so the
     digest of the writes is the digest of the file.
+
+    Every `WRITEBACK_BYTES` it also asks the kernel to start writing the file out
+    (`posix_fadvise(DONTNEED)` starts writeback of dirty pages without waiting, and drops pages already
+    written). Measured: the commit's fsync then finds almost nothing left to write (0.5 s -> 0.02 s for
+    240 MB written between computations), the writes are not throttled as dirty memory piles up, and a
+    long run does not push the input images out of the page cache with its own output.
     """
 
     def __init__(self, path: str) -> None:
@@ -144,6 +154,7 @@ class HashingFile(io.RawIOBase):
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.digest = hashlib.sha256()
         self.position = 0
+        self._unadvised = 0
 
     def writable(self) -> bool:
         return True
@@ -156,6 +167,11 @@ class HashingFile(io.RawIOBase):
         self.digest.update(view)
         self._file.write(view)
         self.position += view.nbytes
+        self._unadvised += view.nbytes
+        if self._unadvised >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            self._file.flush()
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            self._unadvised = 0
         return view.nbytes
 
     def flush(self) -> None:
