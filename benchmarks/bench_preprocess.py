@@ -334,9 +334,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def profile(strategy: Any, paths: list[str]) -> dict[str, Any]:
     """Per-stage time over the image set, in one process: what the strict pipeline spends where."""
     from vlmtile.decode import decode_image, read_bytes
-    from vlmtile.dtypes import encode_pixels
+    from vlmtile.dtypes import render_stored
 
-    stages = dict.fromkeys(("read", "decode", "rgb", "resizes", "render", "normalize"), 0.0)
+    stages = dict.fromkeys(("read", "decode", "rgb", "resizes", "render"), 0.0)
     for path in paths:
         t0 = time.perf_counter()
         data = read_bytes(path)
@@ -347,11 +347,9 @@ def profile(strategy: Any, paths: list[str]) -> dict[str, Any]:
         t3 = time.perf_counter()
         bound_resizes(strategy, rgb)
         t4 = time.perf_counter()
-        pixels = strategy.render(rgb, strategy.plan(*rgb.size))
+        render_stored(strategy, rgb, strategy.plan(*rgb.size), "float16")
         t5 = time.perf_counter()
-        encode_pixels(strategy, pixels, "float16")
-        t6 = time.perf_counter()
-        times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+        times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         for stage, seconds in zip(stages, times, strict=True):
             stages[stage] += seconds
     return {"stages": stages, "images": len(paths)}
@@ -443,6 +441,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 # Main
 # ---------------------------------------------------------------------------------------------------------
 
+PROFILED = ("internvl", "qwen2.5-vl")
 CASES = (("user", 1), ("bound", 1), ("bound", 2), ("vlmtile", 1), ("vlmtile", 2), ("fast", 2))
 
 
@@ -581,15 +580,17 @@ def main() -> None:
 
 
 def run_extras(scratch: str, data_dir: str, paths: list[str], folder: str, repeats: int) -> dict[str, Any]:
-    """internvl only: the per-stage profile, bytes per image per dtype, and peak memory vs image count."""
-    extras: dict[str, Any] = {}
+    """The per-stage profile (internvl, qwen2.5-vl), internvl's bytes per image per dtype, and its peak
+    memory for 8 and 32 images."""
+    extras: dict[str, Any] = {"profile": {}}
+    for name in PROFILED:
+        base = {"strategy": name, "paths": paths, "inputs": [folder], "scratch": scratch}
+        profiles = [run_child({**base, "case": "profile", "workers": 1}) for _ in range(repeats)]
+        stages = {s: statistics.median(p["stages"][s] for p in profiles) for s in profiles[0]["stages"]}
+        strict = [run_child({**base, "case": "vlmtile", "workers": 1}) for _ in range(repeats)]
+        stages["total"] = statistics.median(r["seconds"] for r in strict)
+        extras["profile"][name] = stages
     base = {"strategy": "internvl", "paths": paths, "inputs": [folder], "scratch": scratch}
-    profiles = [run_child({**base, "case": "profile", "workers": 1}) for _ in range(repeats)]
-    extras["profile"] = {
-        stage: statistics.median(p["stages"][stage] for p in profiles) for stage in profiles[0]["stages"]
-    }
-    strict = [run_child({**base, "case": "vlmtile", "workers": 1}) for _ in range(repeats)]
-    extras["profile"]["total"] = statistics.median(r["seconds"] for r in strict)
     extras["bytes_per_image"] = {}
     for dtype in ("float32", "float16", "bfloat16", "uint8"):
         done = run_child({**base, "case": "vlmtile", "workers": 2, "dtype": dtype})
@@ -627,14 +628,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['bytes_per_image'] / 1e6:.1f} |"
         )
     extras = result["extras"]
-    if extras:
-        p = extras["profile"]
+    for name, p in extras.get("profile", {}).items():
         total = p["total"]
         layout = p["render"] - p["resizes"]
-        rest = total - sum(p[s] for s in ("read", "decode", "rgb", "render", "normalize"))
+        rest = total - sum(p[s] for s in ("read", "decode", "rgb", "render"))
         lines += [
             "",
-            "internvl, 1 worker, where the time goes (whole image set):",
+            f"`{name}`, 1 worker, where the time goes (whole image set):",
             "",
             "| stage | seconds | share |",
             "|---|---:|---:|",
@@ -644,12 +644,12 @@ def markdown(result: dict[str, Any]) -> str:
             ("decode", p["decode"]),
             ("RGB conversion", p["rgb"]),
             ("the reference's resizes", p["resizes"]),
-            ("tiling / layout", layout),
-            ("normalize to float16", p["normalize"]),
+            ("tiling, layout and normalization to float16", layout),
             ("write + bookkeeping", rest),
         )
         for stage, seconds in stages:
             lines.append(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} |")
+    if extras:
         lines += [
             "",
             "internvl output bytes per image: "

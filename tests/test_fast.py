@@ -111,3 +111,17 @@ def test_fast_is_a_setting_of_the_directory(tmp_path: Path) -> None:
     strict = vlmtile.get_strategy("internvl").process(Image.open(SAMPLE / PHOTOS[0]))
     assert record["num_tokens"] == strict.plan.num_tokens
     assert record["pixel_values"].shape == strict.pixel_values.shape
+
+
+@pytest.mark.parametrize("name", vlmtile.list_strategies())
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_render_normalized_is_normalize_of_render(name: str, dtype: type, make_image: MakeImage) -> None:
+    """The fused path (Qwen's) gives the bits of the two steps apart, for every strategy."""
+    strategy = vlmtile.get_strategy(name)
+    for width, height in ((37, 91), (640, 480), (1000, 210)):
+        image = make_image(width, height, "RGB", width)
+        plan = strategy.plan(width, height)
+        fused = strategy.render_normalized(image, plan, dtype)
+        apart = strategy.normalize(strategy.render(image, plan), dtype)
+        assert fused.dtype == apart.dtype and fused.shape == apart.shape
+        assert np.array_equal(fused.view(np.uint8), apart.view(np.uint8)), (name, width, height)

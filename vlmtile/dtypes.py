@@ -11,8 +11,9 @@ import functools
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from .strategies import Strategy
+from .strategies import Plan, Strategy
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 
@@ -37,11 +38,11 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
     return dtype
 
 
-def encode_pixels(strategy: Strategy, pixels: np.ndarray, dtype: str) -> np.ndarray:
-    """uint8 pixels from `render` -> the array to store."""
+def render_stored(strategy: Strategy, image: Image.Image, plan: Plan, dtype: str) -> np.ndarray:
+    """An RGB image -> the array to store: `render`'s uint8 pixels, or them normalized into `dtype`."""
     if dtype == "uint8":
-        return pixels
-    return strategy.normalize(pixels, numpy_dtype(dtype))
+        return strategy.render(image, plan)
+    return strategy.render_normalized(image, plan, numpy_dtype(dtype))
 
 
 def decode_pixels(strategy: Strategy, stored: np.ndarray, dtype: str) -> np.ndarray:

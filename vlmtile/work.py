@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, decode_image, read_bytes
-from .dtypes import encode_pixels
+from .dtypes import render_stored
 from .errors import ImageError
 from .fast import SourceReducer
 from .samples import Failure, ImageRef, Sample
@@ -119,7 +119,7 @@ def process_image(
         try:
             if reducer is not None:
                 rgb = reducer.reduce(rgb, plan)
-            stored = encode_pixels(strategy, strategy.render(rgb, plan), dtype)
+            stored = render_stored(strategy, rgb, plan, dtype)
         except (MemoryError, ValueError, OSError, Image.DecompressionBombError) as e:
             return Failure(key, source, "render", f"{type(e).__name__}: {e}")
     metadata: dict[str, Any] = {

@@ -325,32 +325,28 @@ class Strategy:
         For float16 / bfloat16 the table itself is cast, so one gather gives exactly
         `normalize(pixels).astype(dtype)` without the float32 intermediate.
         """
-        table = _table(self.mean, self.std, np.dtype(dtype))
+        table = self.table(dtype)
         out = np.empty(pixels.shape, dtype=table.dtype)
         src = self.channel_view(np.ascontiguousarray(pixels))
         dst = self.channel_view(out)
         n = src.shape[0]
-        src, dst = src.reshape(n, 3, -1), dst.reshape(n, 3, -1)
-        # In slices of _GATHER_CHUNK values: np.take converts its indices to intp (8 bytes each) before it
-        # gathers, and a slice's worth stays in cache; one call over a 12 MP image is 2.5x slower.
-        per = src.shape[2]
-        rows = max(1, _GATHER_CHUNK // per)
-        cols = min(per, _GATHER_CHUNK)
-        for start in range(0, n, rows):
-            for c in range(3):
-                for col in range(0, per, cols):
-                    np.take(
-                        table[c],
-                        src[start : start + rows, c, col : col + cols],
-                        out=dst[start : start + rows, c, col : col + cols],
-                    )
+        gather(table, src.reshape(n, 3, -1), dst.reshape(n, 3, -1))
         return out
+
+    def table(self, dtype: Any = np.float32) -> np.ndarray:
+        """The (3, 256) normalization table in `dtype` (cached)."""
+        return _table(self.mean, self.std, np.dtype(dtype))
+
+    def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
+        """`normalize(render(image, plan), dtype)`, bit for bit; a strategy whose layout makes the two
+        steps costly apart (Qwen's patch rows) fuses them. `preprocess` and `process` both go this way."""
+        return self.normalize(self.render(image, plan), dtype)
 
     def process(self, image: Image.Image) -> Result:
         """Full reference preprocessing of one PIL image in any mode."""
         rgb = self.prepare(image)
         plan = self.plan(*rgb.size)
-        return Result(pixel_values=self.normalize(self.render(rgb, plan)), plan=plan)
+        return Result(pixel_values=self.render_normalized(rgb, plan), plan=plan)
 
 
 _HINTS: dict[type[Strategy], dict[str, Any]] = {}
@@ -391,6 +387,26 @@ class Preset:
     params: dict[str, Any]
     description: str
     aliases: tuple[str, ...] = ()
+
+
+def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+    """dst[i, c, j] = table[c, src[i, c, j]] for (n, channels, m) uint8 `src` and a `dst` of the table's
+    dtype (a (channels, 256) table).
+
+    In slices of _GATHER_CHUNK values: np.take converts its indices to intp (8 bytes each) before it
+    gathers, and a slice's worth stays in cache; one call over a 12 MP image is 2.5x slower.
+    """
+    n, channels, per = src.shape
+    rows = max(1, _GATHER_CHUNK // per)
+    cols = min(per, _GATHER_CHUNK)
+    for start in range(0, n, rows):
+        for c in range(channels):
+            for col in range(0, per, cols):
+                np.take(
+                    table[c],
+                    src[start : start + rows, c, col : col + cols],
+                    out=dst[start : start + rows, c, col : col + cols],
+                )
 
 
 def tunable_fields(cls: type[Strategy]) -> list[dataclasses.Field[Any]]:

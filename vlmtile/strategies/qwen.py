@@ -20,7 +20,18 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Plan, Preset, Strategy, check_size, param
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    Plan,
+    Preset,
+    Strategy,
+    check_size,
+    gather,
+    param,
+)
 
 MAX_ASPECT_RATIO = 200
 
@@ -117,6 +128,24 @@ class QwenVL(Strategy):
             shape=(grid_h * grid_w, row),
             extra=(("image_grid_thw", (1, grid_h, grid_w)),),
         )
+
+    def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
+        """Normalize each channel plane of the resized image where it is contiguous, then copy the floats
+        into patch rows once per temporal copy: the same bits as `normalize(render(...))`, a third
+        faster than gathering into the strided patch layout (measured on a 1 MP image)."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
+        resized = image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
+        table = self.table(dtype)
+        out = np.empty((grid_h // m, grid_w // m, m, m, 3, t, p, p), dtype=table.dtype)
+        for c, band in enumerate(resized.split()):
+            plane = np.asarray(band).reshape(1, 1, -1)
+            normalized = np.empty(plane.shape, dtype=table.dtype)
+            gather(table[c : c + 1], plane, normalized)
+            patches = normalized.reshape(grid_h // m, m, p, grid_w // m, m, p).transpose(0, 3, 1, 4, 2, 5)
+            for copy in range(t):
+                out[:, :, :, :, c, copy] = patches
+        return out.reshape(plan.shape)
 
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
