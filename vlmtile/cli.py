@@ -31,6 +31,7 @@ from .runner import (
 )
 from .samples import SourceOptions
 from .sinks import SINKS
+from .sources import make_key
 from .stats import (
     Column,
     compute_stats,
@@ -69,21 +70,60 @@ def _strategy_params() -> dict[str, tuple[dataclasses.Field[Any], list[str]]]:
     return params
 
 
+def _number_list(kind: type[int] | type[float]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Option callback: a comma-separated list of numbers (`224,256,384`) for tuple-valued parameters."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_number_list(str(value), kind)
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not a comma-separated list of {kind.__name__}s", ctx, param
+            ) from None
+
+    return convert
+
+
+def parse_number_list(text: str, kind: type[int] | type[float]) -> tuple[Any, ...]:
+    """`"224, 256"` -> (224, 256); an empty string is the empty tuple."""
+    return tuple(kind(part) for part in (p.strip() for p in text.split(",")) if part)
+
+
+def _field_kind(f: dataclasses.Field[Any]) -> str:
+    """A parameter's declared type as one word: bool, int, float, str, ints or floats (tuples)."""
+    declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"tuple[int, ...]": "ints", "tuple[float, ...]": "floats"}.get(declared, declared)
+
+
 def strategy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add one option per strategy parameter; unset options stay None and leave the preset's default."""
     for name, (f, users) in sorted(_strategy_params().items(), reverse=True):
         flag = "--" + name.replace("_", "-")
         scope = "all strategies" if len(users) == len(list_strategies()) else ", ".join(users)
-        defaults = sorted({str(get_strategy(u).params()[name]) for u in users})
+        defaults = sorted({_show(get_strategy(u).params()[name]) for u in users})
         help_text = f"{f.metadata['help']} [{scope}; default {' / '.join(defaults)}]"
-        if f.type in (bool, "bool"):
+        kind = _field_kind(f)
+        if kind == "bool":
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         elif f.metadata.get("choices"):
             option = click.option(flag, name, type=click.Choice(f.metadata["choices"]), help=help_text)
+        elif kind in ("ints", "floats"):
+            number: type[int] | type[float] = int if kind == "ints" else float
+            metavar = f"{number.__name__.upper()}[,...]"
+            option = click.option(flag, name, callback=_number_list(number), metavar=metavar, help=help_text)
         else:
-            option = click.option(flag, name, type=int, help=help_text)
+            option = click.option(flag, name, type=float if kind == "float" else int, help=help_text)
         command = option(command)
     return command
+
+
+def _show(value: Any) -> str:
+    """A default as a user would type it: lists comma-separated, an empty list as `none`."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 def build_strategy(name: str, options: dict[str, Any]) -> Any:
@@ -390,17 +430,39 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
 
 
 def _convert(value: str, f: dataclasses.Field[Any]) -> Any:
-    if f.type in (bool, "bool"):
+    kind = _field_kind(f)
+    if kind == "bool":
         lowered = value.strip().lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             raise click.UsageError(f"{f.name} takes true or false, got {value!r}")
         return lowered in ("true", "1", "yes", "on")
-    if f.type in (int, "int"):
+    numbers: dict[str, tuple[Callable[[str], Any], str]] = {
+        "int": (int, "an integer"),
+        "float": (float, "a number"),
+        "ints": (lambda v: parse_number_list(v, int), "integers separated by commas"),
+        "floats": (lambda v: parse_number_list(v, float), "numbers separated by commas"),
+    }
+    if kind in numbers:
+        parse, what = numbers[kind]
         try:
-            return int(value)
+            return parse(value)
         except ValueError:
-            raise click.UsageError(f"{f.name} takes an integer, got {value!r}") from None
+            raise click.UsageError(f"{f.name} takes {what}, got {value!r}") from None
     return value.strip()
+
+
+def _spec_pairs(rest: str) -> list[str]:
+    """`key=value` pieces of a SPEC; a piece without `=` continues the previous value, so that list
+    values keep their commas: `navit:sizes=224,256,384,seed=1` -> `sizes=224,256,384`, `seed=1`."""
+    pairs: list[str] = []
+    for piece in (p.strip() for p in rest.split(",")):
+        if not piece:
+            continue
+        if "=" not in piece and pairs:
+            pairs[-1] += "," + piece
+        else:
+            pairs.append(piece)
+    return pairs
 
 
 def parse_column(spec: str, options: dict[str, Any]) -> Column:
@@ -412,7 +474,7 @@ def parse_column(spec: str, options: dict[str, Any]) -> Column:
         raise click.UsageError(str(e)) from None
     fields = {f.name: f for f in tunable_fields(preset.cls)}
     params = {k: v for k, v in options.items() if k in fields and v is not None}
-    for pair in filter(None, (p.strip() for p in rest.split(","))):
+    for pair in _spec_pairs(rest):
         key, eq, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in fields:
@@ -545,7 +607,8 @@ def inspect_cmd(image: str, strategy_name: str, output: str | None, **options: A
     Example:
       vlmtile inspect sample_data/coffee_600x400.jpg -s internvl --max-tiles 6 -o coffee.png
     """
-    strategy = build_strategy(strategy_name, options)
+    # The file's own key, as `preprocess IMAGE` would give it: per-image draws (navit) match that run.
+    strategy = build_strategy(strategy_name, options).for_image(make_key(os.path.basename(image)), 0)
     try:
         picture = inspect_image(load_image(image), strategy)
     except ImageError as e:
@@ -567,7 +630,8 @@ def strategies() -> None:
         click.echo(f"{name}: {preset.description}")
         params = get_strategy(name).params()
         for f in tunable_fields(preset.cls):
-            click.echo(f"    --{f.name.replace('_', '-')} (default {params[f.name]}): {f.metadata['help']}")
+            flag = f"--{f.name.replace('_', '-')}"
+            click.echo(f"    {flag} (default {_show(params[f.name])}): {f.metadata['help']}")
 
 
 def main() -> None:

@@ -242,7 +242,7 @@ def count_chunk(task: StatsTask, progress: Progress) -> StatsReport:
         for column, s in zip(task.columns, stats, strict=True):
             width, height = planned_size(header, column.strategy)
             try:
-                plan = column.strategy.plan(width, height)
+                plan = column.strategy.for_image(item.key, 0).plan(width, height)
             except ValueError as e:
                 s.fail(f"refused: {_reason_class(str(e))}")
                 per_column[column.label] = None
@@ -325,7 +325,10 @@ def _count_samples(task: StatsTask, progress: Progress) -> StatsReport:
                 strategy = column.strategy.for_sample(
                     max(len(headers), 1), max_tiles=budget.max_tiles, max_tokens=budget.max_tokens
                 )
-                plans = [strategy.plan(*planned_size(h, strategy)) for h in headers]
+                plans = [
+                    strategy.for_image(sample.key, i).plan(*planned_size(h, strategy))
+                    for i, h in enumerate(headers)
+                ]
             except ValueError as e:
                 s.fail(f"refused: {_reason_class(str(e))}")
                 per_column[column.label] = None
