@@ -223,9 +223,11 @@ class ParquetShard(ShardSink[R]):
 
     suffix = ".parquet"
 
-    def _open(self, schema: pa.Schema) -> None:
+    def _open(self, schema: pa.Schema, arrays: tuple[str, ...] = ()) -> None:
+        """Start the file; `arrays` are list columns of thousands of values per row (packed sequences'
+        ids and positions): compressed like metadata, but no dictionary or statistics would pay for them."""
         self.schema = schema.with_metadata({"vlmtile": json.dumps(self.file_metadata, sort_keys=True)})
-        small = [n for n in schema.names if n != "pixel_values"]
+        small = [n for n in schema.names if n != "pixel_values" and n not in arrays]
         self._writer = pq.ParquetWriter(
             self.tmp_path,
             self.schema,
@@ -434,7 +436,7 @@ class PackedParquetSink(ParquetShard[PackedSequence]):
         pixels: bool = True,
     ) -> None:
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
-        self._open(packed_schema(strategy))
+        self._open(packed_schema(strategy), arrays=("segment_ids", "positions", "cu_seqlens"))
 
     def _row(self, record: PackedSequence) -> dict[str, Any]:
         row = record.metadata(self.dtype)
