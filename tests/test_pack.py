@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 import vlmtile
 from vlmtile import pack as pack_module
 from vlmtile.cli import cli
+from vlmtile.loader import collate
 from vlmtile.pack import PackConfig, pack
 from vlmtile.packing import (
     DEFAULT_BUFFER,
@@ -268,6 +269,25 @@ def test_navit_round_trip(navit_input: Path, tmp_path: Path, fmt: str):
         fractional[: records[0]["num_tokens"]] * grids, records[0]["positions"][: records[0]["num_tokens"]]
     )
     assert verify(str(out)).ok
+
+
+def test_collate_batches_packed_sequences(navit_input: Path, tmp_path: Path):
+    n = 512
+    out = tmp_path / "packed"
+    pack(PackConfig(str(navit_input), str(out), n, progress=False))
+    records = list(vlmtile.open_dataset(out))[:3]
+    batch = collate(records)  # packed records go to collate_packed
+    assert batch["pixel_values"].shape == (3, n, 768) and batch["segment_ids"].shape == (3, n)
+    assert batch["positions"].shape == (3, n, 2)
+    assert batch["keys"] == [r["keys"] for r in records]
+    # cu_seqlens over the flattened (3 * n) rows: a boundary wherever the segment changes, padding included.
+    flat = np.concatenate([r["segment_ids"].astype(np.int64) + 1000 * b for b, r in enumerate(records)])
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    cu = batch["cu_seqlens"]
+    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == 3 * n
+    assert np.array_equal(cu[1:-1], changes)
+    with pytest.raises(ValueError, match="must not mix"):
+        collate([records[0], next(iter(vlmtile.open_dataset(navit_input)))])
 
 
 def test_float32_reading_normalizes_like_the_strategy(navit_input: Path, tmp_path: Path):
