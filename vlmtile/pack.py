@@ -62,6 +62,7 @@ from .packing import (
     assign,
     build_sequence,
     group_shards,
+    split_lengths,
 )
 from .runner import DEFAULT_PREFIX, DEFAULT_SHARD_BYTES, shard_pattern, wids_index
 from .samples import Failure
@@ -246,12 +247,13 @@ def pack_task(task: PackTask, progress: Progress) -> PackTaskReport:
                 if "image_grid_thw" in meta:
                     t, h, w = (int(v) for v in meta["image_grid_thw"])
                     thw = (t, h, w)
-                step = n - n % unit
-                for offset in range(0, length, step):  # one part unless the image is longer than n
-                    rows = slice(offset, min(offset + step, length))
+                offset = 0
+                for part in split_lengths(length, n, unit):  # one part unless the image is longer than n
+                    rows = slice(offset, offset + part)
                     parts.append(
                         Segment(key, source, image, offset, pixels[rows], positions[rows], grid, thw)
                     )
+                    offset += part
                 report.images += 1
                 report.split += int(length > n)
                 progress(1, length)
@@ -334,6 +336,17 @@ def pack(config: PackConfig) -> PackSummary:
         prepare_output(config.output)
     except OSError as e:
         raise VlmtileError(f"cannot write to {config.output}: {e.strerror or e}") from None
+    try:
+        return _pack_locked(config, source, started)
+    except OSError as e:  # the parent's own writes (plan, records, manifest): a full disk, a read-only mount
+        what = "disk full" if is_enospc(e) else "cannot write"
+        raise RunStopped(
+            f"{what} in {config.output}: {e.strerror or e} ({getattr(e, 'filename', None) or 'output'}); "
+            "nothing half-written was marked done"
+        ) from None
+
+
+def _pack_locked(config: PackConfig, source: Source, started: float) -> PackSummary:
     with run_lock(config.output):
         if config.overwrite:
             remove_output(config.output)

@@ -75,8 +75,8 @@ def assign(
 
 
 def split_lengths(length: int, capacity: int, unit: int = 1) -> list[int]:
-    """An over-long item cut into parts of at most `capacity` rows, each a multiple of `unit`: full
-    parts first, then the rest (for `--split-long`)."""
+    """An item cut into parts of at most `capacity` rows, each a multiple of `unit`: full parts first,
+    then the rest (`--split-long`); an item that fits is one part, itself."""
     part = capacity - capacity % unit
     if part < 1:
         raise ValueError(f"capacity {capacity} holds no unit of {unit} rows")
