@@ -52,11 +52,13 @@ def meta(strategy: NaViT, width: int, height: int) -> dict[str, object]:
 # Parity with SigLIP-2 NaFlex (transformers)
 
 
-@pytest.mark.parametrize("max_patches", [256, 1024, 64])
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    "size", [(1920, 1080), (640, 480), (1, 1), (100, 100), (37, 1500), (17, 33), (1000, 7), (448, 448)]
-)
+SIZES = [(1920, 1080), (640, 480), (1, 1), (100, 100), (37, 1500), (17, 33), (1000, 7), (448, 448)]
+PARITY_CASES = [(256, mode, size) for mode in MODES for size in SIZES] + [
+    (budget, mode, size) for budget in (64, 1024) for mode in ("RGB", "RGBA") for size in SIZES
+]
+
+
+@pytest.mark.parametrize(("max_patches", "mode", "size"), PARITY_CASES)
 def test_pixels_equal_siglip2_processor(make_image, max_patches, mode, size):
     image = make_image(*size, mode, sum(size))
     out = siglip2(max_patches)(images=image, return_tensors="np")
