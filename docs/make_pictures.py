@@ -20,6 +20,8 @@ EXTRA_OPTIONS = {
     "qwen2-vl": ["--max-pixels", "200704"],
     "qwen2.5-vl": ["--max-pixels", "200704"],
     "qwen3-vl": ["--max-pixels", "262144"],
+    # Show token dropping: the dropped patches are drawn grey.
+    "navit": ["--drop-rate", "0.25"],
 }
 
 

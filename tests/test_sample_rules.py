@@ -35,6 +35,7 @@ from vlmtile.strategies.base import BUDGETS, GROUNDING_FIELDS, Plan, Strategy
 from vlmtile.strategies.deepseek import DeepSeekVL2
 from vlmtile.strategies.internvl import InternVL
 from vlmtile.strategies.llava import LlavaNext
+from vlmtile.strategies.navit import NaViT
 from vlmtile.strategies.qwen import QwenVL
 from vlmtile.strategies.xcomposer import XComposerFixed, XComposerHD
 
@@ -480,7 +481,7 @@ def tile_pixels(strategy: Strategy, pixels: np.ndarray, plan: Plan, index: int) 
     if isinstance(strategy, (XComposerHD, XComposerFixed)):
         left, top, right, bottom = plan.tile_boxes[index]
         return pixels[:, top:bottom, left:right].transpose(1, 2, 0)  # the canvas, cut model-side
-    assert isinstance(strategy, QwenVL)
+    assert isinstance(strategy, (QwenVL, NaViT))
     return strategy.views(pixels, plan)[0][1]  # one "tile": the resized image
 
 

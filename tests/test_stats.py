@@ -47,7 +47,7 @@ EXIF_SAMPLE = SAMPLE_DIR / "grace_hopper_exif_orientation6.jpg"  # stored 600x51
 DOC = Path(__file__).resolve().parent.parent / "docs" / "stats.md"
 DTYPE_ITEMSIZE = {"uint8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
 
-TOP_LEVEL_KEYS = {"schema_version", "inputs", "from_output_metadata", "budget", "strategies"}
+TOP_LEVEL_KEYS = {"schema_version", "inputs", "from_output_metadata", "budget", "pack_len", "strategies"}
 STRATEGY_KEYS = {
     "label",
     "strategy",
@@ -65,6 +65,7 @@ STRATEGY_KEYS = {
     "bytes",
     "budget",
     "over_budget",
+    "pack",
 }
 LENGTH_KEYS = {"source", "key", "width", "height", "orientation", "num_tokens"}
 LENGTH_ERROR_KEYS = {"source", "key", "error"}

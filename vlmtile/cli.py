@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -20,6 +20,8 @@ from .decode import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .dtypes import STORAGE_DTYPES
 from .errors import ImageError, RunStopped, VlmtileError
 from .ledger import CHANGED, ERRORS
+from .pack import PackConfig, open_source, pack
+from .packing import DEFAULT_BUFFER, DEFAULT_BUFFER_BYTES, FITS
 from .runner import (
     DEFAULT_PREFIX,
     DEFAULT_SHARD_BYTES,
@@ -30,7 +32,8 @@ from .runner import (
     preprocess,
 )
 from .samples import SourceOptions
-from .sinks import SINKS
+from .sinks import PACKED_SINKS, SINKS
+from .sources import make_key
 from .stats import (
     Column,
     compute_stats,
@@ -69,21 +72,60 @@ def _strategy_params() -> dict[str, tuple[dataclasses.Field[Any], list[str]]]:
     return params
 
 
+def _number_list(kind: type[int] | type[float]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """Option callback: a comma-separated list of numbers (`224,256,384`) for tuple-valued parameters."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_number_list(str(value), kind)
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not a comma-separated list of {kind.__name__}s", ctx, param
+            ) from None
+
+    return convert
+
+
+def parse_number_list(text: str, kind: type[int] | type[float]) -> tuple[Any, ...]:
+    """`"224, 256"` -> (224, 256); an empty string is the empty tuple."""
+    return tuple(kind(part) for part in (p.strip() for p in text.split(",")) if part)
+
+
+def _field_kind(f: dataclasses.Field[Any]) -> str:
+    """A parameter's declared type as one word: bool, int, float, str, ints or floats (tuples)."""
+    declared = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"tuple[int, ...]": "ints", "tuple[float, ...]": "floats"}.get(declared, declared)
+
+
 def strategy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add one option per strategy parameter; unset options stay None and leave the preset's default."""
     for name, (f, users) in sorted(_strategy_params().items(), reverse=True):
         flag = "--" + name.replace("_", "-")
         scope = "all strategies" if len(users) == len(list_strategies()) else ", ".join(users)
-        defaults = sorted({str(get_strategy(u).params()[name]) for u in users})
+        defaults = sorted({_show(get_strategy(u).params()[name]) for u in users})
         help_text = f"{f.metadata['help']} [{scope}; default {' / '.join(defaults)}]"
-        if f.type in (bool, "bool"):
+        kind = _field_kind(f)
+        if kind == "bool":
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
         elif f.metadata.get("choices"):
             option = click.option(flag, name, type=click.Choice(f.metadata["choices"]), help=help_text)
+        elif kind in ("ints", "floats"):
+            number: type[int] | type[float] = int if kind == "ints" else float
+            metavar = f"{number.__name__.upper()}[,...]"
+            option = click.option(flag, name, callback=_number_list(number), metavar=metavar, help=help_text)
         else:
-            option = click.option(flag, name, type=int, help=help_text)
+            option = click.option(flag, name, type=float if kind == "float" else int, help=help_text)
         command = option(command)
     return command
+
+
+def _show(value: Any) -> str:
+    """A default as a user would type it: lists comma-separated, an empty list as `none`."""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
 
 
 def build_strategy(name: str, options: dict[str, Any]) -> Any:
@@ -374,6 +416,136 @@ def preprocess_cmd(
 preprocess_cmd.name = "preprocess"
 
 
+@cli.command("pack", context_settings=CONTEXT)
+@click.argument("input_dir", metavar="IN_DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--max-seq-len",
+    required=True,
+    type=click.IntRange(min=1),
+    help="Tokens (patch rows) per packed sequence; every sequence has exactly this many.",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Most images (segments) per sequence, e.g. for per-image pooling slots; 0: no cap.",
+)
+@click.option(
+    "--fit",
+    type=click.Choice(FITS),
+    default="first",
+    show_default=True,
+    help="first: first-fit decreasing; best: best-fit decreasing.",
+)
+@click.option(
+    "--split-long",
+    is_flag=True,
+    help="Cut an image longer than --max-seq-len over several sequences (navit) instead of refusing it.",
+)
+@click.option(
+    "--buffer",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BUFFER,
+    show_default=True,
+    help="Images packed together at most (whole input shards); more: less padding, more memory.",
+)
+@click.option(
+    "--buffer-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_BUFFER_BYTES,
+    show_default=True,
+    help="Stored bytes packed together at most (what each worker holds in memory).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(sorted(PACKED_SINKS)), default="parquet", show_default=True
+)
+@click.option(
+    "--shard-bytes",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SHARD_BYTES,
+    show_default=True,
+    help="Largest output shard in bytes.",
+)
+@click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="Shard names: PREFIX-000000.ext.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes, one buffer each (memory: workers x --buffer-bytes).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Start again: remove vlmtile output already in the output directory."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary unless images failed.")
+def pack_cmd(
+    input_dir: str,
+    output: str,
+    max_seq_len: int,
+    max_images: int,
+    fit: str,
+    split_long: bool,
+    buffer: int,
+    buffer_bytes: int,
+    fmt: str,
+    shard_bytes: int,
+    prefix: str,
+    workers: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Pack the patch sequences of IN_DIR (a `preprocess` output made with navit or a Qwen-family
+    strategy) into sequences of exactly --max-seq-len tokens, NaViT's Patch n' Pack: segment ids, positions
+    and cu_seqlens per sequence. Rerunning resumes, and packs input shards added since.
+
+    Exit status: 0 done; 3 done, but some images are in OUTPUT/_errors.jsonl (longer than --max-seq-len);
+    1 fatal error or stopped early; 2 bad command line or an input that cannot be packed.
+
+    \b
+    Examples:
+      vlmtile preprocess photos/ -o tiles/ -s navit --max-patches 256
+      vlmtile pack tiles/ -o packed/ --max-seq-len 4096
+    """
+    try:
+        config = PackConfig(
+            input=input_dir,
+            output=output,
+            max_seq_len=max_seq_len,
+            max_images=max_images,
+            fit=fit,
+            split_long=split_long,
+            buffer=buffer,
+            buffer_bytes=buffer_bytes,
+            format=fmt,
+            shard_bytes=shard_bytes,
+            prefix=prefix,
+            workers=workers,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+        open_source(config)
+    except VlmtileError as e:  # an input that cannot be packed this way: a usage error (exit 2)
+        raise click.UsageError(str(e)) from None
+    try:
+        summary = pack(config)
+    except RunStopped as e:
+        click.echo(f"vlmtile: {e}", err=True)
+        click.echo("vlmtile: run the same command again to continue", err=True)
+        sys.exit(EXIT_FATAL)
+    except VlmtileError as e:
+        raise click.ClickException(str(e)) from None
+    if not quiet:
+        click.echo(summary.line())
+    if summary.failures:
+        if quiet:
+            click.echo(summary.line(), err=True)
+        where = os.path.join(output, ERRORS)
+        click.echo(f"vlmtile: {summary.failures:,} images were not packed; see {where}", err=True)
+        sys.exit(EXIT_FAILURES)
+
+
 @cli.command("verify", context_settings=CONTEXT)
 @click.argument("output", type=click.Path(exists=True, file_okay=False))
 @click.option("--quick", is_flag=True, help="Skip the checksums (sizes, record counts and accounting only).")
@@ -398,17 +570,39 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
 
 
 def _convert(value: str, f: dataclasses.Field[Any]) -> Any:
-    if f.type in (bool, "bool"):
+    kind = _field_kind(f)
+    if kind == "bool":
         lowered = value.strip().lower()
         if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             raise click.UsageError(f"{f.name} takes true or false, got {value!r}")
         return lowered in ("true", "1", "yes", "on")
-    if f.type in (int, "int"):
+    numbers: dict[str, tuple[Callable[[str], Any], str]] = {
+        "int": (int, "an integer"),
+        "float": (float, "a number"),
+        "ints": (lambda v: parse_number_list(v, int), "integers separated by commas"),
+        "floats": (lambda v: parse_number_list(v, float), "numbers separated by commas"),
+    }
+    if kind in numbers:
+        parse, what = numbers[kind]
         try:
-            return int(value)
+            return parse(value)
         except ValueError:
-            raise click.UsageError(f"{f.name} takes an integer, got {value!r}") from None
+            raise click.UsageError(f"{f.name} takes {what}, got {value!r}") from None
     return value.strip()
+
+
+def _spec_pairs(rest: str) -> list[str]:
+    """`key=value` pieces of a SPEC; a piece without `=` continues the previous value, so that list
+    values keep their commas: `navit:sizes=224,256,384,seed=1` -> `sizes=224,256,384`, `seed=1`."""
+    pairs: list[str] = []
+    for piece in (p.strip() for p in rest.split(",")):
+        if not piece:
+            continue
+        if "=" not in piece and pairs:
+            pairs[-1] += "," + piece
+        else:
+            pairs.append(piece)
+    return pairs
 
 
 def parse_column(spec: str, options: dict[str, Any]) -> Column:
@@ -420,7 +614,7 @@ def parse_column(spec: str, options: dict[str, Any]) -> Column:
         raise click.UsageError(str(e)) from None
     fields = {f.name: f for f in tunable_fields(preset.cls)}
     params = {k: v for k, v in options.items() if k in fields and v is not None}
-    for pair in filter(None, (p.strip() for p in rest.split(","))):
+    for pair in _spec_pairs(rest):
         key, eq, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in fields:
@@ -446,6 +640,12 @@ def parse_column(spec: str, options: dict[str, Any]) -> Column:
     help="NAME or NAME:key=value,... (repeat to compare side by side), e.g. internvl:max_tiles=6.",
 )
 @click.option("--budget", type=click.IntRange(min=0), help="Also count images above this many tokens.")
+@click.option(
+    "--pack-len",
+    type=click.IntRange(min=1),
+    help="Also estimate `vlmtile pack --max-seq-len N`: padding fraction and images per sequence (navit, "
+    "Qwen).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema: docs/stats.md).")
 @click.option(
     "--plot", type=click.Path(dir_okay=False), help="Write token histograms to this PNG (needs matplotlib)."
@@ -466,6 +666,7 @@ def stats_cmd(
     inputs: tuple[str, ...],
     specs: tuple[str, ...],
     budget: int | None,
+    pack_len: int | None,
     as_json: bool,
     plot: str | None,
     emit_lengths: str | None,
@@ -492,7 +693,10 @@ def stats_cmd(
                     "an output directory is reported alone and with its own strategy: "
                     "give just `vlmtile stats OUT_DIR`"
                 )
-            result = stats_from_output(outputs[0], budget=budget, emit_lengths=bool(emit_lengths))
+            result = stats_from_output(
+                outputs[0], budget=budget, emit_lengths=bool(emit_lengths), pack_len=pack_len
+            )
+            _check_pack_len(pack_len, result.columns)
         else:
             if not specs:
                 raise click.UsageError("give at least one --strategy (see `vlmtile strategies`)")
@@ -512,6 +716,7 @@ def stats_cmd(
                 raise click.UsageError(
                     f"--{unused[0].replace('_', '-')} applies to none of the chosen strategies"
                 )
+            _check_pack_len(pack_len, columns)
             show = not quiet and not as_json and sys.stderr.isatty()
             with tqdm(unit="img", disable=not show, leave=False, dynamic_ncols=True) as bar:
                 result = compute_stats(
@@ -523,6 +728,7 @@ def stats_cmd(
                     on_progress=lambda images, tokens: bar.update(images),
                     sources=sources,
                     sample_budget=sample_budget,
+                    pack_len=pack_len,
                 )
         if emit_lengths:
             write_lengths(emit_lengths, result.lengths)
@@ -534,6 +740,17 @@ def stats_cmd(
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         click.echo(format_table(result))
+
+
+def _check_pack_len(pack_len: int | None, columns: Sequence[Column]) -> None:
+    """--pack-len must be a length `pack` accepts for every packable column (whole Qwen merge windows)."""
+    for column in columns:
+        unit = column.strategy.sequence_unit()
+        if pack_len is not None and unit and pack_len % unit:
+            raise click.UsageError(
+                f"--pack-len must be a multiple of {unit} for {column.label} (one merge window); "
+                f"got {pack_len}"
+            )
 
 
 @cli.command("inspect", context_settings=CONTEXT)
@@ -553,7 +770,8 @@ def inspect_cmd(image: str, strategy_name: str, output: str | None, **options: A
     Example:
       vlmtile inspect sample_data/coffee_600x400.jpg -s internvl --max-tiles 6 -o coffee.png
     """
-    strategy = build_strategy(strategy_name, options)
+    # The file's own key, as `preprocess IMAGE` would give it: per-image draws (navit) match that run.
+    strategy = build_strategy(strategy_name, options).for_image(make_key(os.path.basename(image)), 0)
     try:
         picture = inspect_image(load_image(image), strategy)
     except ImageError as e:
@@ -575,7 +793,8 @@ def strategies() -> None:
         click.echo(f"{name}: {preset.description}")
         params = get_strategy(name).params()
         for f in tunable_fields(preset.cls):
-            click.echo(f"    --{f.name.replace('_', '-')} (default {params[f.name]}): {f.metadata['help']}")
+            flag = f"--{f.name.replace('_', '-')}"
+            click.echo(f"    {flag} (default {_show(params[f.name])}): {f.metadata['help']}")
 
 
 def main() -> None:

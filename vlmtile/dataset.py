@@ -53,7 +53,9 @@ class Dataset:
         self.format: str = self.manifest["format"]
         self.dtype: str = self.manifest["dtype"]
         self.layout: str = self.manifest.get("layout", "image")
-        """"image": one record per image; "sample": one per sample, `pixel_values` a list (one per image)."""
+        """"image": one record per image; "sample": one per sample, `pixel_values` a list (one per image);
+        "packed" (`vlmtile pack`): one per packed sequence, with `segment_ids`, `positions`, `cu_seqlens`
+        and per-segment lists (docs/packing.md)."""
         self.as_stored = as_stored
         """If True, `pixel_values` is the stored array (uint8 / float16 / bfloat16) instead of float32."""
 
@@ -73,7 +75,23 @@ class Dataset:
 
     def iter_shard(self, path: str) -> Iterator[dict[str, Any]]:
         """The records of one shard file (one of `shard_paths`): the unit loaders split across workers."""
+        if self.layout == "packed" and self.format == "parquet":
+            return self._parquet_packed(path)
         return self._parquet(path) if self.format == "parquet" else self._tar(path)
+
+    def _parquet_packed(self, path: str) -> Iterator[dict[str, Any]]:
+        """Packed sequences: the list columns become int32 arrays straight from Arrow (no Python lists of
+        thousands of ints per row)."""
+        arrays = ("segment_ids", "positions", "cu_seqlens")
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4):
+            columns = {name: batch.column(name) for name in arrays}
+            for i, row in enumerate(batch.drop_columns(list(arrays)).to_pylist()):
+                row["segment_ids"] = columns["segment_ids"][i].values.to_numpy()
+                row["cu_seqlens"] = columns["cu_seqlens"][i].values.to_numpy()
+                row["positions"] = columns["positions"][i].values.flatten().to_numpy().reshape(-1, 2)
+                stored = np.frombuffer(row["pixel_values"], numpy_dtype(row["dtype"])).reshape(row["shape"])
+                row["pixel_values"] = self._pixels(stored)
+                yield row
 
     def _parquet(self, path: str) -> Iterator[dict[str, Any]]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4):
@@ -117,8 +135,14 @@ class Dataset:
         return self._pixels(stored)
 
     def _tar_record(self, sample: dict[str, bytes]) -> dict[str, Any]:
-        if self.layout == "image":
+        if self.layout == "packed":
             row: dict[str, Any] = json.loads(sample["json"])
+            row["pixel_values"] = self._npy(sample["npy"], row["dtype"])
+            for name in ("segment_ids", "positions", "cu_seqlens"):
+                row[name] = np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False)
+            return row
+        if self.layout == "image":
+            row = json.loads(sample["json"])
             if "npy" in sample:
                 row["pixel_values"] = self._npy(sample["npy"], row["dtype"])
             return row
@@ -139,5 +163,6 @@ class Dataset:
 
 
 def open_dataset(path: str | os.PathLike[str], *, as_stored: bool = False) -> Dataset:
-    """Open a finished `vlmtile preprocess` output directory (Parquet or WebDataset) for reading."""
+    """Open a finished `vlmtile preprocess` or `vlmtile pack` output directory (Parquet or WebDataset) for
+    reading; the manifest says which layout it holds."""
     return Dataset(path, as_stored=as_stored)

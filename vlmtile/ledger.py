@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,6 +69,41 @@ def write_json_atomic(path: str, data: Any, *, lines: bool = False) -> None:
 
 def config_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# -- the directory --------------------------------------------------------------------------------------
+
+_SHARD_NAME = re.compile(r"^\.?[\w-]+-\d{5,6}\.(parquet|tar)(\.tmp-\d+)?$")
+_OURS = (MANIFEST, ERRORS, TASK_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_LOCK, CHANGED)
+"""What --overwrite removes (besides shards and part files); the run locks stay: they are held by then."""
+
+
+def existing_output(output: str) -> list[str]:
+    """Names in `output` that vlmtile wrote (shards, part files, run state), sorted; nothing else."""
+    if not os.path.isdir(output):
+        return []
+    ours = []
+    for name in os.listdir(output):
+        if name in _OURS or _SHARD_NAME.match(name) is not None or name.startswith((".part-", "..part-")):
+            ours.append(name)
+    return sorted(ours)
+
+
+def remove_output(output: str) -> None:
+    """--overwrite, under the run lock: remove everything vlmtile wrote in `output` (and nothing else)."""
+    for name in existing_output(output):
+        path = os.path.join(output, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def prepare_output(output: str) -> None:
+    """Create the output directory (the run lock lives in it)."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise VlmtileError(f"output {output} exists and is not a directory")
+    os.makedirs(output, exist_ok=True)
 
 
 # -- settings -------------------------------------------------------------------------------------------
@@ -372,7 +408,7 @@ def finalize(output: str, plan: Plan, prefix: str, suffix: str) -> tuple[list[di
                     )
                 entry["name"] = final
                 changed = True
-            shards.append({k: entry[k] for k in ("name", "records", "tokens", "tiles", "bytes", "sha256")})
+            shards.append({k: v for k, v in entry.items() if k != "part"})
         if changed:
             write_json_atomic(record_path(output, task.index), record)
     if shards:

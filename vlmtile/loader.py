@@ -28,7 +28,7 @@ from .errors import VlmtileError
 if TYPE_CHECKING:
     import torch  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["collate", "collate_torch", "split_shards", "torch_dataset"]
+__all__ = ["collate", "collate_packed", "collate_torch", "split_shards", "torch_dataset"]
 
 _BATCH_FIELDS = frozenset({"keys", "images_per_record", "split_sizes"})
 """Names `collate` adds itself: a record field of one of these names would be ambiguous, so it is refused."""
@@ -127,6 +127,11 @@ def collate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if len(records) == 0:
         raise ValueError("collate needs at least one record")
+    packed = ["segment_ids" in record for record in records]
+    if any(packed):
+        if not all(packed):
+            raise ValueError("a batch must not mix packed sequences with image or sample records")
+        return collate_packed(records)
     arrays: list[np.ndarray] = []
     with_pixels: list[bool] = []
     metas: list[Mapping[str, Any]] = []
@@ -193,6 +198,41 @@ def collate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     batch["images_per_record"] = images_per_record
     batch["keys"] = keys
     batch.update(fields)
+    return batch
+
+
+_PACKED_ARRAYS = ("pixel_values", "segment_ids", "positions")
+
+
+def collate_packed(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Batch packed sequences (`vlmtile pack`; `collate` sends them here). They all have N rows, so:
+
+    - `pixel_values` (B, N, D), `segment_ids` (B, N), `positions` (B, N, 2): stacked;
+    - `cu_seqlens`: one int32 array over the batch flattened to B*N rows, for variable-length kernels that
+      take a (B*N, ...) input: each sequence's boundaries shifted by b*N, and its padding (if any) as a
+      segment of its own so that the boundaries stay contiguous (its outputs are to be ignored);
+    - `image_grid_thw` (Qwen inputs): the segments' (t, h, w) rows of all sequences, (segments, 3);
+    - every other field (keys, num_tokens, ...) as a list with one entry per sequence.
+    """
+    lengths = {len(record["segment_ids"]) for record in records}
+    if len(lengths) != 1:
+        raise ValueError(f"packed sequences of different lengths in one batch: {sorted(lengths)}")
+    (n,) = lengths
+    batch: dict[str, Any] = {name: np.stack([r[name] for r in records]) for name in _PACKED_ARRAYS}
+    bounds = [np.zeros(1, dtype=np.int32)]
+    for b, record in enumerate(records):
+        cu = np.asarray(record["cu_seqlens"], dtype=np.int32)
+        bounds.append(cu[1:] + b * n)
+        if cu[-1] < n:
+            bounds.append(np.asarray([(b + 1) * n], dtype=np.int32))
+    batch["cu_seqlens"] = np.concatenate(bounds)
+    if all("image_grid_thw" in record for record in records):
+        batch["image_grid_thw"] = np.asarray(
+            [thw for record in records for thw in record["image_grid_thw"]], dtype=np.int64
+        ).reshape(-1, 3)
+    for name in records[0]:
+        if name not in batch:
+            batch[name] = [record.get(name) for record in records]
     return batch
 
 
@@ -438,4 +478,7 @@ def collate_torch(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch["pixel_values"] = [_tensor(torch, array) for array in pixels]
     if "image_grid_thw" in batch:
         batch["image_grid_thw"] = _tensor(torch, batch["image_grid_thw"])
+    for name in ("segment_ids", "positions", "cu_seqlens"):  # packed sequences
+        if name in batch:
+            batch[name] = _tensor(torch, batch[name])
     return batch

@@ -11,8 +11,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -31,8 +29,6 @@ from .ledger import (
     CHANGED,
     ERRORS,
     MANIFEST,
-    PLAN_FILE,
-    PLAN_LOCK,
     RUN_FILE,
     TASK_RECORDS,
     WIDS_INDEX,
@@ -47,8 +43,10 @@ from .ledger import (
     is_enospc,
     load_records,
     plan_lock,
+    prepare_output,
     record_path,
     remove_orphans,
+    remove_output,
     remove_partial,
     run_lock,
     stream_skip,
@@ -65,7 +63,7 @@ from .samples import (
     iter_stream,
     list_samples,
 )
-from .sinks import SINKS, ShardFile, ShardSink
+from .sinks import SINKS, RotatingWriter, ShardFile, ShardSink
 from .sources import display_path, make_key
 from .strategies import Strategy
 from .streams import is_url
@@ -271,55 +269,22 @@ class RunSummary:
         )
 
 
-def part_name(index: int, part: int, suffix: str) -> str:
-    """A task's output file before the run gives it its final, contiguous shard number."""
-    return f".part-{index:06d}-{part:04d}{suffix}"
+def _record_counts(record: SampleRecord) -> dict[str, int]:
+    return {"tokens": record.num_tokens, "tiles": record.num_tiles}
 
 
-class _RotatingWriter:
-    """A task's output: one file after another, each closed once it holds `shard_bytes`."""
+def _writer(task: ShardTask) -> RotatingWriter[SampleRecord]:
+    """The task's rotating output, through the format's sink."""
+    config = task.config
+    sink_cls = SINKS[config.format]
 
-    def __init__(self, task: ShardTask) -> None:
-        self.task = task
-        self.files: list[tuple[ShardFile, dict[str, int]]] = []
-        self.sink: ShardSink | None = None
-        self.counts = {"records": 0, "tokens": 0, "tiles": 0}
+    def open_sink(path: str) -> ShardSink[SampleRecord]:
+        return sink_cls(
+            path, config.strategy, config.dtype, task.file_metadata, layout=task.layout, pixels=config.pixels
+        )
 
-    def write(self, record: SampleRecord) -> None:
-        if self.sink is None:
-            config = self.task.config
-            sink_cls = SINKS[config.format]
-            path = os.path.join(
-                self.task.output, part_name(self.task.index, len(self.files), sink_cls.suffix)
-            )
-            self.sink = sink_cls(
-                path,
-                config.strategy,
-                config.dtype,
-                self.task.file_metadata,
-                layout=self.task.layout,
-                pixels=config.pixels,
-            )
-        self.sink.write(record)
-        self.counts["records"] += 1
-        self.counts["tokens"] += record.num_tokens
-        self.counts["tiles"] += record.num_tiles
-        if self.sink.bytes >= self.task.config.shard_bytes:
-            self.close()
-
-    def close(self) -> None:
-        if self.sink is not None:
-            sink, self.sink = self.sink, None
-            self.files.append((sink.commit(), self.counts))
-            self.counts = {"records": 0, "tokens": 0, "tiles": 0}
-
-    def abort(self) -> None:
-        if self.sink is not None:
-            self.sink.abort()
-        for shard_file, _ in self.files:
-            path = os.path.join(self.task.output, shard_file.name)
-            if os.path.exists(path):
-                os.unlink(path)
+    suffix, limit = sink_cls.suffix, config.shard_bytes
+    return RotatingWriter(task.output, task.index, open_sink, suffix, limit, _record_counts)
 
 
 def _task_samples(task: ShardTask) -> Iterable[Sample | Failure]:
@@ -347,7 +312,7 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     done_keys: list[str] = []
     damaged = False
     inputs = records = tokens = tiles = 0
-    writer = _RotatingWriter(task)
+    writer = _writer(task)
     try:
         for sample in _task_samples(task):
             identity: str | None = sample.source
@@ -407,38 +372,11 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     return report
 
 
-_SHARD_NAME = re.compile(r"^\.?[\w-]+-\d{5,6}\.(parquet|tar)(\.tmp-\d+)?$")
-_OURS = (MANIFEST, ERRORS, SHARD_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_LOCK, CHANGED)
-"""What --overwrite removes (besides shards and part files); the run locks stay: they are held by then."""
-
-
-def _existing_output(output: str) -> list[str]:
-    if not os.path.isdir(output):
-        return []
-    ours = []
-    for name in os.listdir(output):
-        if name in _OURS or _SHARD_NAME.match(name) is not None or name.startswith((".part-", "..part-")):
-            ours.append(name)
-    return sorted(ours)
-
-
-def _prepare_output(config: RunConfig) -> None:
-    """Create OUT (the run lock lives in it)."""
-    if os.path.exists(config.output) and not os.path.isdir(config.output):
-        raise VlmtileError(f"output {config.output} exists and is not a directory")
-    os.makedirs(config.output, exist_ok=True)
-
-
 def _clear_output(config: RunConfig) -> None:
     """Under the run lock: with --overwrite, remove everything vlmtile wrote in OUT (and nothing else);
     without it, refuse output of an older vlmtile that has no run state to resume from."""
     if config.overwrite:
-        for name in _existing_output(config.output):
-            path = os.path.join(config.output, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
+        remove_output(config.output)
     elif os.path.exists(os.path.join(config.output, MANIFEST)) and not os.path.exists(
         os.path.join(config.output, RUN_FILE)
     ):
@@ -571,7 +509,7 @@ def preprocess(config: RunConfig) -> RunSummary:
     if not listing.samples and not listing.streams and not listing.failures:
         raise VlmtileError(f"no images found in {', '.join(config.inputs)}")
     try:
-        _prepare_output(config)
+        prepare_output(config.output)
     except OSError as e:  # a read-only or missing parent, a full disk: say so, in one line
         raise VlmtileError(f"cannot write to {config.output}: {e.strerror or e}") from None
     try:

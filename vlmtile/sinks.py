@@ -13,17 +13,21 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .packing import PackedSequence
 from .samples import members_as_json
 from .strategies import Strategy
 from .work import SampleRecord
+
+R = TypeVar("R")
 
 TAR_MTIME = 0
 """Fixed member mtime, so the same records give a byte-identical tar."""
@@ -194,8 +198,9 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-class ShardSink:
-    """Base: temporary file, commit (fsync, checksum, rename) or abort (remove)."""
+class ShardSink(Generic[R]):
+    """Base: temporary file, commit (fsync, checksum, rename) or abort (remove); `R` is the record type
+    (`SampleRecord` for `preprocess`, `PackedSequence` for `pack`)."""
 
     suffix: ClassVar[str] = ""
 
@@ -222,7 +227,7 @@ class ShardSink:
         self.bytes = 0
         """Bytes written so far (pixels plus metadata, approximately the file size): rotation reads it."""
 
-    def write(self, record: SampleRecord) -> None:
+    def write(self, record: R) -> None:
         raise NotImplementedError
 
     def _finish(self) -> None:
@@ -252,7 +257,7 @@ class ShardSink:
         if os.path.exists(self.tmp_path):
             os.unlink(self.tmp_path)
 
-    def __enter__(self) -> ShardSink:
+    def __enter__(self) -> ShardSink[R]:
         return self
 
     def __exit__(
@@ -262,11 +267,73 @@ class ShardSink:
             self.abort()
 
 
-class ParquetSink(ShardSink):
-    """One row per image (image layout) or per sample (sample layout, images as list columns); pixels as
-    raw C-order bytes in large_binary cells, with shape and dtype beside them."""
+class ParquetShard(ShardSink[R]):
+    """A Parquet file of rows cut into row groups of `ROW_GROUP_BYTES`; subclasses give the schema (to
+    `_open`) and turn a record into a row (`_row`, `_row_bytes`)."""
 
     suffix = ".parquet"
+
+    def _open(self, schema: pa.Schema, arrays: tuple[str, ...] = ()) -> None:
+        """Start the file; `arrays` are list columns of thousands of values per row (packed sequences'
+        ids and positions): compressed like metadata, but no dictionary or statistics would pay for them."""
+        self.schema = schema.with_metadata({"vlmtile": json.dumps(self.file_metadata, sort_keys=True)})
+        small = [n for n in schema.names if n != "pixel_values" and n not in arrays]
+        self._writer = pq.ParquetWriter(
+            self.file,
+            self.schema,
+            # Normalized floats barely compress and uint8 little; spend no CPU on the pixel column.
+            compression={n: ("NONE" if n == "pixel_values" else "ZSTD") for n in schema.names},
+            use_dictionary=small,
+            write_statistics=small,
+        )
+        self._rows: list[dict[str, Any]] = []
+        self._buffered = 0
+
+    def _row(self, record: R) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _row_bytes(self, record: R) -> int:
+        raise NotImplementedError
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        names = self.schema.names
+        if "pixel_values" in names and isinstance(rows[0].get("pixel_values"), np.ndarray):
+            # Arrays are wrapped, not copied (`tobytes` plus `from_pylist` would copy every pixel twice).
+            small = self.schema.remove(names.index("pixel_values"))
+            table = pa.Table.from_pylist([{n: row.get(n) for n in small.names} for row in rows], small)
+            column = _binary_column([row["pixel_values"] for row in rows])
+            return table.append_column(self.schema.field("pixel_values"), column).select(names)
+        return pa.Table.from_pylist([{n: row.get(n) for n in names} for row in rows], schema=self.schema)
+
+    def write(self, record: R) -> None:
+        row = self._row(record)
+        self._rows.append(row)
+        size = self._row_bytes(record)
+        self._buffered += size
+        self.bytes += size
+        self.records += 1
+        if self._buffered >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        self._writer.write_table(self._table(self._rows), row_group_size=len(self._rows))
+        self._rows.clear()
+        self._buffered = 0
+
+    def _finish(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def _discard(self) -> None:
+        self._rows.clear()
+        self._writer.close()
+
+
+class ParquetSink(ParquetShard[SampleRecord]):
+    """One row per image (image layout) or per sample (sample layout, images as list columns); pixels as
+    raw C-order bytes in large_binary cells, with shape and dtype beside them."""
 
     def __init__(
         self,
@@ -279,30 +346,14 @@ class ParquetSink(ShardSink):
         pixels: bool = True,
     ) -> None:
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
-        schema = parquet_schema(strategy, layout, pixels).with_metadata(
-            {"vlmtile": json.dumps(file_metadata, sort_keys=True)}
-        )
-        self.schema = schema
-        small = [n for n in schema.names if n != "pixel_values"]
-        self._writer = pq.ParquetWriter(
-            self.file,
-            schema,
-            # Normalized floats barely compress and uint8 little; spend no CPU on the pixel column.
-            compression={n: ("NONE" if n == "pixel_values" else "ZSTD") for n in schema.names},
-            use_dictionary=small,
-            write_statistics=small,
-        )
-        self._rows: list[dict[str, Any]] = []
-        self._pixels: list[np.ndarray] = []
-        """Image layout: the row group's arrays, kept as they are until the flush wraps them (no copy)."""
-        self._buffered = 0
+        self._open(parquet_schema(strategy, layout, pixels))
 
     def _row(self, record: SampleRecord) -> dict[str, Any]:
         if self.layout == "image":
             (image,) = record.images
             row = {k: v for k, v in image.metadata.items() if k != "name"}
             if self.pixels and image.pixels is not None:
-                self._pixels.append(np.ascontiguousarray(image.pixels))
+                row["pixel_values"] = np.ascontiguousarray(image.pixels)  # wrapped, not copied: `_table`
             return row
         row = sample_metadata(record, self.dtype)
         row["sample"] = sample_json(record)
@@ -310,41 +361,8 @@ class ParquetSink(ShardSink):
             row["pixel_values"] = [_raw(r.pixels) for r in record.images if r.pixels is not None]
         return row
 
-    def write(self, record: SampleRecord) -> None:
-        row = self._row(record)
-        self._rows.append(row)
-        size = record.pixel_bytes + 512
-        self._buffered += size
-        self.bytes += size
-        self.records += 1
-        if self._buffered >= ROW_GROUP_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._rows:
-            return
-        names = self.schema.names
-        if self._pixels:  # image layout: every other column from the rows, pixels wrapped zero-copy
-            small = self.schema.remove(self.schema.get_field_index("pixel_values"))
-            table = pa.Table.from_pylist([{n: row.get(n) for n in small.names} for row in self._rows], small)
-            table = table.append_column(self.schema.field("pixel_values"), _binary_column(self._pixels))
-            table = table.select(names)
-        else:
-            table = pa.Table.from_pylist(
-                [{n: row.get(n) for n in names} for row in self._rows], schema=self.schema
-            )
-        self._writer.write_table(table, row_group_size=len(self._rows))
-        self._rows.clear()
-        self._pixels.clear()
-        self._buffered = 0
-
-    def _finish(self) -> None:
-        self._flush()
-        self._writer.close()
-
-    def _discard(self) -> None:
-        self._rows.clear()
-        self._writer.close()
+    def _row_bytes(self, record: SampleRecord) -> int:
+        return record.pixel_bytes + 512
 
 
 def _binary_column(arrays: list[np.ndarray]) -> pa.ChunkedArray:
@@ -371,10 +389,18 @@ def _raw(pixels: np.ndarray | None) -> bytes:
     return np.ascontiguousarray(pixels).view(np.uint8).tobytes()
 
 
-class TarSink(ShardSink):
-    """One WebDataset sample per record. Image layout: `KEY.npy` + `KEY.json` (metadata). Sample layout:
-    `KEY.img0.npy`, `KEY.img1.npy`, ... in image order, `KEY.vlmtile.json` (metadata), and the sample's
-    own members (`KEY.txt`, `KEY.json`, ...) as they came; a manifest line or Parquet row is `KEY.json`."""
+def npy_bytes(array: np.ndarray, dtype: str) -> bytes:
+    """`np.save` bytes of an array; bfloat16 (which .npy cannot name) as its uint16 bits."""
+    if dtype == "bfloat16":
+        array = array.view(np.uint16)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class TarShard(ShardSink[R]):
+    """A tar of WebDataset samples: each record is `KEY.EXT` members (sorted, mtime 0, mode 0644) given by
+    the subclass's `_members`."""
 
     suffix = ".tar"
 
@@ -391,6 +417,9 @@ class TarSink(ShardSink):
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
         self._tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
+    def _members(self, record: R) -> tuple[str, dict[str, bytes]]:
+        raise NotImplementedError
+
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size = len(data)
@@ -398,33 +427,8 @@ class TarSink(ShardSink):
         info.mode = 0o644
         self._tar.addfile(info, io.BytesIO(data))
 
-    def _npy(self, pixels: np.ndarray) -> bytes:
-        if self.dtype == "bfloat16":
-            # .npy has no bfloat16: store the bits as uint16; the JSON says "bfloat16".
-            pixels = pixels.view(np.uint16)
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.ascontiguousarray(pixels), allow_pickle=False)
-        return buf.getvalue()
-
-    def write(self, record: SampleRecord) -> None:
-        key = record.key
-        members: dict[str, bytes] = {}
-        if self.layout == "image":
-            (image,) = record.images
-            if self.pixels and image.pixels is not None:
-                members["npy"] = self._npy(image.pixels)
-            metadata = {k: v for k, v in image.metadata.items() if k != "name"}
-            members["json"] = json.dumps(metadata, sort_keys=True).encode()
-        else:
-            members.update(record.sample.members)
-            if record.sample.fields:
-                text = json.dumps(record.sample.fields, sort_keys=True, ensure_ascii=False)
-                members["json"] = text.encode()
-            if self.pixels:
-                for i, image in enumerate(record.images):
-                    if image.pixels is not None:
-                        members[f"img{i}.npy"] = self._npy(image.pixels)
-            members["vlmtile.json"] = json.dumps(sample_metadata(record, self.dtype), sort_keys=True).encode()
+    def write(self, record: R) -> None:
+        key, members = self._members(record)
         for ext in sorted(members):  # sorted member names: byte-identical reruns
             self._add(f"{key}.{ext}", members[ext])
             self.bytes += 512 + len(members[ext])
@@ -437,5 +441,173 @@ class TarSink(ShardSink):
         self.file.close()
 
 
-SINKS: dict[str, type[ShardSink]] = {"parquet": ParquetSink, "webdataset": TarSink}
+class TarSink(TarShard[SampleRecord]):
+    """One WebDataset sample per record. Image layout: `KEY.npy` + `KEY.json` (metadata). Sample layout:
+    `KEY.img0.npy`, `KEY.img1.npy`, ... in image order, `KEY.vlmtile.json` (metadata), and the sample's
+    own members (`KEY.txt`, `KEY.json`, ...) as they came; a manifest line or Parquet row is `KEY.json`."""
+
+    def _members(self, record: SampleRecord) -> tuple[str, dict[str, bytes]]:
+        members: dict[str, bytes] = {}
+        if self.layout == "image":
+            (image,) = record.images
+            if self.pixels and image.pixels is not None:
+                members["npy"] = npy_bytes(image.pixels, self.dtype)
+            metadata = {k: v for k, v in image.metadata.items() if k != "name"}
+            members["json"] = json.dumps(metadata, sort_keys=True).encode()
+        else:
+            members.update(record.sample.members)
+            if record.sample.fields:
+                text = json.dumps(record.sample.fields, sort_keys=True, ensure_ascii=False)
+                members["json"] = text.encode()
+            if self.pixels:
+                for i, image in enumerate(record.images):
+                    if image.pixels is not None:
+                        members[f"img{i}.npy"] = npy_bytes(image.pixels, self.dtype)
+            members["vlmtile.json"] = json.dumps(sample_metadata(record, self.dtype), sort_keys=True).encode()
+        return record.key, members
+
+
+# -- packed sequences (`vlmtile pack`) ---------------------------------------------------------------------
+
+
+def packed_schema(strategy: Strategy) -> pa.Schema:
+    """One row per packed sequence: the arrays, then one list entry per segment (docs/formats.md)."""
+    int_pairs = pa.list_(pa.list_(pa.int64()))
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("pixel_values", pa.large_binary(), nullable=False),
+        pa.field("shape", pa.list_(pa.int64()), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("segment_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("positions", pa.list_(pa.list_(pa.int32(), 2)), nullable=False),
+        pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
+        pa.field("num_segments", pa.int64(), nullable=False),
+        pa.field("num_tokens", pa.int64(), nullable=False),
+        pa.field("num_padding", pa.int64(), nullable=False),
+        pa.field("keys", pa.list_(pa.string()), nullable=False),
+        pa.field("sources", pa.list_(pa.string()), nullable=False),
+        pa.field("images", pa.list_(pa.int64()), nullable=False),
+        pa.field("offsets", pa.list_(pa.int64()), nullable=False),
+        pa.field("grid_hw", int_pairs, nullable=False),
+    ]
+    if "image_grid_thw" in strategy.metadata_fields:
+        fields.append(pa.field("image_grid_thw", int_pairs, nullable=False))
+    return pa.schema(fields)
+
+
+class PackedParquetSink(ParquetShard[PackedSequence]):
+    """One row per packed sequence (`packed_schema`); pixels as raw bytes like the image layout."""
+
+    def __init__(
+        self,
+        path: str,
+        strategy: Strategy,
+        dtype: str,
+        file_metadata: dict[str, Any],
+        *,
+        layout: str = "packed",
+        pixels: bool = True,
+    ) -> None:
+        super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
+        self._open(packed_schema(strategy), arrays=("segment_ids", "positions", "cu_seqlens"))
+
+    def _row(self, record: PackedSequence) -> dict[str, Any]:
+        row = record.metadata(self.dtype)
+        row["pixel_values"] = _raw(record.pixel_values)
+        row["segment_ids"] = record.segment_ids
+        row["cu_seqlens"] = record.cu_seqlens
+        row["positions"] = record.positions
+        return row
+
+    def _row_bytes(self, record: PackedSequence) -> int:
+        return record.pixel_values.nbytes + record.positions.nbytes + 2 * record.segment_ids.nbytes + 512
+
+    def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """pyarrow builds lists from 1-D arrays but not (N, 2) ones: the positions column is assembled
+        from one flat int32 buffer and offsets instead."""
+        positions = [row.pop("positions") for row in rows]
+        table = super()._table(rows)
+        flat = np.concatenate([p.reshape(-1) for p in positions]).astype(np.int32, copy=False)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in positions])]).astype(np.int32)
+        pairs = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.int32()), 2)
+        column = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pairs)
+        index = self.schema.get_field_index("positions")
+        return table.set_column(index, self.schema.field("positions"), column)
+
+
+class PackedTarSink(TarShard[PackedSequence]):
+    """One WebDataset sample per sequence: `KEY.npy` (pixel_values), `KEY.segment_ids.npy`,
+    `KEY.positions.npy`, `KEY.cu_seqlens.npy` (int32) and `KEY.json` (the per-segment metadata)."""
+
+    def _members(self, record: PackedSequence) -> tuple[str, dict[str, bytes]]:
+        return record.key, {
+            "npy": npy_bytes(record.pixel_values, self.dtype),
+            "segment_ids.npy": npy_bytes(record.segment_ids, "int32"),
+            "positions.npy": npy_bytes(record.positions, "int32"),
+            "cu_seqlens.npy": npy_bytes(record.cu_seqlens, "int32"),
+            "json": json.dumps(record.metadata(self.dtype), sort_keys=True).encode(),
+        }
+
+
+def part_name(index: int, part: int, suffix: str) -> str:
+    """A task's output file before the run gives it its final, contiguous shard number."""
+    return f".part-{index:06d}-{part:04d}{suffix}"
+
+
+class RotatingWriter(Generic[R]):
+    """A task's output: one part file after another, each committed once it holds `shard_bytes`, with
+    the counts (`records` plus what `count` returns per record) of each file."""
+
+    def __init__(
+        self,
+        output: str,
+        index: int,
+        open_sink: Callable[[str], ShardSink[R]],
+        suffix: str,
+        shard_bytes: int,
+        count: Callable[[R], Mapping[str, int]],
+    ) -> None:
+        self.output = output
+        self.index = index
+        self.open_sink = open_sink
+        self.suffix = suffix
+        self.shard_bytes = shard_bytes
+        self.count = count
+        self.files: list[tuple[ShardFile, dict[str, int]]] = []
+        self.sink: ShardSink[R] | None = None
+        self.counts: dict[str, int] = {}
+
+    def write(self, record: R) -> None:
+        if self.sink is None:
+            path = os.path.join(self.output, part_name(self.index, len(self.files), self.suffix))
+            self.sink = self.open_sink(path)
+            self.counts = {"records": 0}
+        self.sink.write(record)
+        self.counts["records"] += 1
+        for name, value in self.count(record).items():
+            self.counts[name] = self.counts.get(name, 0) + value
+        if self.sink.bytes >= self.shard_bytes:
+            self.close()
+
+    def close(self) -> None:
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            self.files.append((sink.commit(), self.counts))
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+        for shard_file, _ in self.files:
+            path = os.path.join(self.output, shard_file.name)
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+SINKS: dict[str, type[ShardSink[SampleRecord]]] = {"parquet": ParquetSink, "webdataset": TarSink}
 """Output formats by CLI name."""
+
+PACKED_SINKS: dict[str, type[ShardSink[PackedSequence]]] = {
+    "parquet": PackedParquetSink,
+    "webdataset": PackedTarSink,
+}
+"""The same formats for packed sequences (`vlmtile pack`)."""

@@ -29,9 +29,10 @@ from .dtypes import STORAGE_DTYPES, numpy_dtype
 from .errors import ImageError, VlmtileError
 from .executors import Progress, run_tasks
 from .ledger import MANIFEST
+from .packing import DEFAULT_BUFFER, DEFAULT_BUFFER_BYTES, PackReport, group_shards, simulate
 from .samples import Failure, ImageRef, Sample, SourceOptions, StreamInput, iter_stream, list_samples
 from .sources import InputItem, display_path
-from .strategies import Strategy, describe
+from .strategies import Plan, Strategy, describe
 from .streams import is_url, read_bytes_url
 from .work import Budget
 
@@ -63,12 +64,16 @@ class ColumnStats:
     tiles: Counter[int] = field(default_factory=Counter)
     elements: int = 0
     """Sum over images of the number of elements in `pixel_values` (bytes = elements * itemsize)."""
+    rows: array[int] = field(default_factory=lambda: array("q"))
+    """Per image, in input order: its patch-sequence length (`pixel_values` rows) when the strategy's
+    output can be packed, else 0 (for `--pack-len`)."""
 
-    def add(self, num_tokens: int, num_tiles: int, elements: int) -> None:
+    def add(self, num_tokens: int, num_tiles: int, elements: int, rows: int = 0) -> None:
         self.images += 1
         self.tokens.append(num_tokens)
         self.tiles[num_tiles] += 1
         self.elements += elements
+        self.rows.append(rows)
 
     def fail(self, reason: str) -> None:
         self.failure_reasons[reason] += 1
@@ -76,16 +81,34 @@ class ColumnStats:
     def __add__(self, other: ColumnStats) -> ColumnStats:
         tokens = array("q", self.tokens)
         tokens.extend(other.tokens)
+        rows = array("q", self.rows)
+        rows.extend(other.rows)
         return ColumnStats(
             images=self.images + other.images,
             failure_reasons=self.failure_reasons + other.failure_reasons,
             tokens=tokens,
             tiles=self.tiles + other.tiles,
             elements=self.elements + other.elements,
+            rows=rows,
         )
 
-    def summary(self, budget: int | None) -> dict[str, Any]:
-        """The documented per-column JSON object (docs/stats.md)."""
+    def packable(self) -> bool:
+        return bool(self.rows) and min(self.rows) > 0
+
+    def pack_estimate(self, pack_len: int) -> PackReport | None:
+        """What `vlmtile pack --max-seq-len pack_len` would report (default buffer, no cap, no split), the
+        images cut into buffers of `DEFAULT_BUFFER` in input order; None when the output is not packable."""
+        if not self.packable():
+            return None
+        return simulate(self.rows, pack_len, buffer=DEFAULT_BUFFER)
+
+    def summary(
+        self, budget: int | None, pack_len: int | None = None, pack: PackReport | None = None
+    ) -> dict[str, Any]:
+        """The documented per-column JSON object (docs/stats.md); `pack` is an exact packing report to use
+        instead of the estimate (`stats OUT_DIR`)."""
+        if pack is None and pack_len is not None:
+            pack = self.pack_estimate(pack_len)
         tokens = np.frombuffer(self.tokens, dtype=np.int64) if self.images else np.zeros(0, np.int64)
 
         def pct(q: float) -> int | None:
@@ -106,6 +129,7 @@ class ColumnStats:
             "bytes": {d: self.elements * numpy_dtype(d).itemsize for d in STORAGE_DTYPES},
             "budget": budget,
             "over_budget": int((tokens > budget).sum()) if budget is not None else None,
+            "pack": pack.summary() if pack is not None else None,
         }
 
 
@@ -242,12 +266,12 @@ def count_chunk(task: StatsTask, progress: Progress) -> StatsReport:
         for column, s in zip(task.columns, stats, strict=True):
             width, height = planned_size(header, column.strategy)
             try:
-                plan = column.strategy.plan(width, height)
+                plan = column.strategy.for_image(item.key, 0).plan(width, height)
             except ValueError as e:
                 s.fail(f"refused: {_reason_class(str(e))}")
                 per_column[column.label] = None
                 continue
-            s.add(plan.num_tokens, plan.num_tiles, int(np.prod(plan.shape)))
+            s.add(plan.num_tokens, plan.num_tiles, int(np.prod(plan.shape)), _rows(column.strategy, plan))
             per_column[column.label] = plan.num_tokens
             tokens_here += plan.num_tokens
         if task.emit:
@@ -325,13 +349,16 @@ def _count_samples(task: StatsTask, progress: Progress) -> StatsReport:
                 strategy = column.strategy.for_sample(
                     max(len(headers), 1), max_tiles=budget.max_tiles, max_tokens=budget.max_tokens
                 )
-                plans = [strategy.plan(*planned_size(h, strategy)) for h in headers]
+                plans = [
+                    strategy.for_image(sample.key, i).plan(*planned_size(h, strategy))
+                    for i, h in enumerate(headers)
+                ]
             except ValueError as e:
                 s.fail(f"refused: {_reason_class(str(e))}")
                 per_column[column.label] = None
                 continue
             for plan in plans:
-                s.add(plan.num_tokens, plan.num_tiles, int(np.prod(plan.shape)))
+                s.add(plan.num_tokens, plan.num_tiles, int(np.prod(plan.shape)), _rows(strategy, plan))
             per_column[column.label] = sum(p.num_tokens for p in plans)
         if task.emit:
             lengths.append(
@@ -346,6 +373,11 @@ def _count_samples(task: StatsTask, progress: Progress) -> StatsReport:
             )
         progress(1, sum(v for v in per_column.values() if v is not None))
     return StatsReport(task.index, stats, tuple(lengths))
+
+
+def _rows(strategy: Strategy, plan: Plan) -> int:
+    """The image's patch-sequence length for packing, 0 when the strategy's output is not a sequence."""
+    return plan.shape[0] if strategy.sequence_unit() else 0
 
 
 def _reason_class(message: str) -> str:
@@ -363,6 +395,14 @@ class StatsResult:
     budget: int | None
     inputs: tuple[str, ...]
     from_output: bool = False
+    pack_len: int | None = None
+    """`--pack-len`: also estimate packing into sequences of this many tokens."""
+    packs: tuple[PackReport | None, ...] = ()
+    """Exact packing reports per column (`stats OUT_DIR`, which knows pack's buffers); else estimated."""
+
+    def summaries(self) -> list[dict[str, Any]]:
+        packs = self.packs or (None,) * len(self.stats)
+        return [s.summary(self.budget, self.pack_len, p) for s, p in zip(self.stats, packs, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -370,14 +410,10 @@ class StatsResult:
             "inputs": list(self.inputs),
             "from_output_metadata": self.from_output,
             "budget": self.budget,
+            "pack_len": self.pack_len,
             "strategies": [
-                {
-                    "label": c.label,
-                    "strategy": c.strategy.name,
-                    "params": c.strategy.params(),
-                    **s.summary(self.budget),
-                }
-                for c, s in zip(self.columns, self.stats, strict=True)
+                {"label": c.label, "strategy": c.strategy.name, "params": c.strategy.params(), **summary}
+                for c, summary in zip(self.columns, self.summaries(), strict=True)
             ],
         }
 
@@ -392,8 +428,10 @@ def compute_stats(
     on_progress: Progress | None = None,
     sources: SourceOptions | None = None,
     sample_budget: Budget | None = None,
+    pack_len: int | None = None,
 ) -> StatsResult:
-    """Token statistics for every image under `inputs`, for each column, from headers only."""
+    """Token statistics for every image under `inputs`, for each column, from headers only; with
+    `pack_len`, also the padding `vlmtile pack --max-seq-len pack_len` would leave (estimated)."""
     sources = sources or SourceOptions()
     sample_budget = sample_budget or Budget()
     if not columns:
@@ -457,55 +495,55 @@ def compute_stats(
         for column_stats in stats:
             column_stats.fail(f"{failure.stage}: {_reason_class(failure.reason)}")
     lengths = [line for r in reports for line in r.lengths]
-    return StatsResult(tuple(columns), stats, lengths, budget, tuple(inputs))
+    return StatsResult(tuple(columns), stats, lengths, budget, tuple(inputs), pack_len=pack_len)
 
 
 def is_output_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def _output_metadata(path: str, manifest: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    """Metadata of every record in a finished output directory, never reading pixel arrays."""
-    for shard in manifest["shards"]:
-        shard_path = os.path.join(path, shard["name"])
-        if manifest["format"] == "parquet":
-            parquet = pq.ParquetFile(shard_path)
-            names = [n for n in parquet.schema_arrow.names if n != "pixel_values"]
-            yield from parquet.read(columns=names).to_pylist()
-        else:
-            with tarfile.open(shard_path) as tar:
-                for member in tar:
-                    if member.name.endswith(".json"):
-                        data = tar.extractfile(member)
-                        if data is not None:
-                            yield json.loads(data.read())
+def _shard_metadata(path: str, manifest: dict[str, Any], shard: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """Metadata of every record of one shard of a finished output directory, never reading pixel arrays."""
+    shard_path = os.path.join(path, shard["name"])
+    if manifest["format"] == "parquet":
+        parquet = pq.ParquetFile(shard_path)
+        names = [n for n in parquet.schema_arrow.names if n != "pixel_values"]
+        yield from parquet.read(columns=names).to_pylist()
+    else:
+        with tarfile.open(shard_path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    data = tar.extractfile(member)
+                    if data is not None:
+                        yield json.loads(data.read())
 
 
-def stats_from_output(path: str, budget: int | None = None, emit_lengths: bool = False) -> StatsResult:
-    """The same report from a finished `preprocess` output's stored metadata."""
+def stats_from_output(
+    path: str, budget: int | None = None, emit_lengths: bool = False, pack_len: int | None = None
+) -> StatsResult:
+    """The same report from a finished `preprocess` output's stored metadata. With `pack_len`, packing is
+    simulated exactly as `vlmtile pack` (default buffers) would do it: the same shard groups, the same
+    order, so the padding it reports is the one `pack` will report."""
     from .dataset import strategy_from_manifest  # dataset imports runner; keep stats importable alone
 
     with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
+    if manifest.get("layout") == "packed":
+        raise VlmtileError(
+            f'{path} holds packed sequences; its packing report is the manifest\'s "report" (run stats on '
+            "the directory it was packed from)"
+        )
     strategy = strategy_from_manifest(manifest)
     column = Column(describe(strategy), strategy)
     stats = ColumnStats()
     lengths: list[dict[str, Any]] = []
-    for row in _output_metadata(path, manifest):
-        stats.add(row["num_tokens"], row["num_tiles"], int(np.prod(row["shape"])))
-        if emit_lengths:
-            # The stored size is the planned one (after EXIF transposition, if the strategy applied it);
-            # the file's own orientation is not stored, hence null.
-            lengths.append(
-                {
-                    "source": row["source"],
-                    "key": row["key"],
-                    "width": row["orig_width"],
-                    "height": row["orig_height"],
-                    "orientation": None,
-                    "num_tokens": {column.label: row["num_tokens"]},
-                }
-            )
+    shard_rows: list[list[int]] = []
+    for shard in manifest["shards"]:
+        shard_rows.append([])
+        for row in _shard_metadata(path, manifest, shard):
+            rows = int(row["shape"][0]) if strategy.sequence_unit() else 0
+            shard_rows[-1].append(rows)
+            _add_stored(stats, row, rows, column, lengths if emit_lengths else None)
     errors_path = os.path.join(path, manifest.get("errors_file", "_errors.jsonl"))
     if os.path.exists(errors_path):
         with open(errors_path, encoding="utf-8") as f:
@@ -518,12 +556,40 @@ def stats_from_output(path: str, budget: int | None = None, emit_lengths: bool =
                             {"source": error["source"], "key": error["key"], "error": error["reason"]}
                         )
     lengths.sort(key=lambda line: line["source"])
-    return StatsResult((column,), [stats], lengths, budget, (path,), from_output=True)
+    pack = None
+    if pack_len is not None and stats.packable():
+        pack = PackReport(pack_len)
+        for group in group_shards(manifest["shards"], DEFAULT_BUFFER, DEFAULT_BUFFER_BYTES):
+            group_rows = [r for i in group for r in shard_rows[i]]
+            pack = pack + simulate(group_rows, pack_len, buffer=max(len(group_rows), 1))
+    return StatsResult(
+        (column,), [stats], lengths, budget, (path,), from_output=True, pack_len=pack_len, packs=(pack,)
+    )
+
+
+def _add_stored(
+    stats: ColumnStats, row: dict[str, Any], rows: int, column: Column, lengths: list[dict[str, Any]] | None
+) -> None:
+    """One stored record into the tallies (and its --emit-lengths line)."""
+    stats.add(row["num_tokens"], row["num_tiles"], int(np.prod(row["shape"])), rows)
+    if lengths is not None:
+        # The stored size is the planned one (after EXIF transposition, if the strategy applied it); the
+        # file's own orientation is not stored, hence null.
+        lengths.append(
+            {
+                "source": row["source"],
+                "key": row["key"],
+                "width": row["orig_width"],
+                "height": row["orig_height"],
+                "orientation": None,
+                "num_tokens": {column.label: row["num_tokens"]},
+            }
+        )
 
 
 def format_table(result: StatsResult) -> str:
     """A readable side-by-side table for a terminal."""
-    summaries = [s.summary(result.budget) for s in result.stats]
+    summaries = result.summaries()
     rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("images", lambda s: f"{s['images']:,}"),
         ("failures", lambda s: f"{s['failures']:,}"),
@@ -539,6 +605,8 @@ def format_table(result: StatsResult) -> str:
         rows.append((f"{dtype} bytes", _bytes_of(dtype)))
     if result.budget is not None:
         rows.append((f"> {result.budget:,} tokens", lambda s: f"{s['over_budget']:,}"))
+    if result.pack_len is not None:
+        rows.append((f"packed to {result.pack_len:,}", _packing))
     header = ["", *[c.label for c in result.columns]]
     body = [[name, *[fmt(s) for s in summaries]] for name, fmt in rows]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
@@ -556,6 +624,15 @@ def format_table(result: StatsResult) -> str:
     if reasons:
         lines += ["", "failures:", *reasons]
     return "\n".join(lines)
+
+
+def _packing(summary: dict[str, Any]) -> str:
+    """`1.3% padding, 15.9 img/seq`, plus the images too long to pack; `-` when not packable."""
+    pack = summary["pack"]
+    if pack is None or pack["padding_fraction"] is None:
+        return "-"
+    text = f"{pack['padding_fraction']:.1%} padding, {pack['images_per_sequence']['mean']:.1f} img/seq"
+    return text + (f", {pack['too_long']:,} too long" if pack["too_long"] else "")
 
 
 def _bytes_of(dtype: str) -> Callable[[dict[str, Any]], str]:

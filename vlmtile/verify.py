@@ -34,6 +34,8 @@ class VerifyReport:
     inputs: int = 0
     bytes: int = 0
     warnings: list[str] = field(default_factory=list)
+    packed_images: int | None = None
+    """A `pack` output: the images its sequences hold (its records are sequences, its inputs images)."""
 
     @property
     def ok(self) -> bool:
@@ -41,11 +43,19 @@ class VerifyReport:
 
     def line(self) -> str:
         state = "OK" if self.ok else f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        return (
-            f"vlmtile verify: {state}: {self.shards} shards, {self.records:,} records + {self.failures:,} "
-            f"errors = {self.records + self.failures:,} of {self.inputs:,} inputs, "
-            f"{self.bytes / 1e6:,.1f} MB in {self.path}"
-        )
+        if self.packed_images is not None:
+            packed = self.packed_images
+            accounted = (
+                f"{self.records:,} sequences holding {packed:,} images + {self.failures:,} errors = "
+                f"{packed + self.failures:,} of {self.inputs:,} images"
+            )
+        else:
+            accounted = (
+                f"{self.records:,} records + {self.failures:,} errors = {self.records + self.failures:,} of "
+                f"{self.inputs:,} inputs"
+            )
+        size = f"{self.bytes / 1e6:,.1f} MB"
+        return f"vlmtile verify: {state}: {self.shards} shards, {accounted}, {size} in {self.path}"
 
 
 def verify(path: str, *, checksums: bool = True) -> VerifyReport:
@@ -86,7 +96,14 @@ def verify(path: str, *, checksums: bool = True) -> VerifyReport:
         report.problems.append(
             f"{ERRORS} has {report.failures} lines, the totals say {totals.get('failures')}"
         )
-    if report.records + report.failures != report.inputs:
+    if manifest.get("layout") == "packed":  # records are sequences; every image read is packed or an error
+        report.packed_images = int(totals.get("images", 0))
+        if report.packed_images + report.failures != report.inputs:
+            report.problems.append(
+                f"images packed + errors = {report.packed_images + report.failures}, but {report.inputs} "
+                "images were read"
+            )
+    elif report.records + report.failures != report.inputs:
         report.problems.append(
             f"records + errors = {report.records + report.failures}, but there were {report.inputs} inputs"
         )

@@ -36,10 +36,19 @@ def caption(strategy: Strategy, plan: Plan) -> list[str]:
         f"{plan.num_tiles} tile{'s' if plan.num_tiles != 1 else ''}, {plan.num_tokens:,} visual tokens, "
         f"pixel_values {tuple(plan.shape)}",
     ]
-    extra = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in plan.extra)
+    extra = ", ".join(f"{k}={_short(v)}" for k, v in plan.extra)
     if extra:
         lines.append(extra)
     return lines
+
+
+def _short(value: object, limit: int = 6) -> str:
+    """A metadata value for a caption line: long lists (navit's kept_patches) cut to their first items."""
+    if isinstance(value, tuple | list):
+        if len(value) > limit:
+            return f"[{', '.join(map(str, value[:limit]))}, ... ({len(value)} items)]"
+        return str(list(value))
+    return str(value)
 
 
 def _hatch(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float], step: int = 10) -> None:
@@ -97,12 +106,13 @@ def inspect_image(image: Image.Image, strategy: Strategy) -> Image.Image:
 
     for box in _padding_boxes(plan):
         _hatch(draw, scaled(box))
-    grid = dict(plan.extra).get("image_grid_thw")
+    extra = dict(plan.extra)
+    grid = extra["image_grid_thw"][1:] if "image_grid_thw" in extra else extra.get("grid_hw")
     if grid is not None:  # patch strategies: patch lines where they are at least 4 px apart, merge lines
-        _, grid_h, grid_w = grid
+        grid_h, grid_w = grid
         step_x, step_y = size[0] / grid_w, size[1] / grid_h
         merge = int(getattr(strategy, "merge_size", 1))
-        for every, alpha in ((1, 70), (merge, 200)):
+        for every, alpha in ((1, 70), (merge, 200)) if merge > 1 else ((1, 120),):
             if min(step_x, step_y) * every < 4:
                 continue
             for i in range(0, grid_w + 1, every):

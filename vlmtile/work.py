@@ -154,8 +154,9 @@ def process_sample(
         return Failure(sample.key, sample.source, "plan", str(e))
     records = []
     for index, ref in enumerate(sample.images):
+        strategy_here = per_image.for_image(sample.key, index)
         out = process_image(
-            ref, sample.key, per_image, dtype, pixels=pixels, max_pixels=max_pixels, fast=fast
+            ref, sample.key, strategy_here, dtype, pixels=pixels, max_pixels=max_pixels, fast=fast
         )
         if isinstance(out, Failure):
             which = f"image {index + 1} of {n} ({ref.name}): " if n > 1 else ""
@@ -171,7 +172,7 @@ def process_input(
     """One image file (the flat layout of plain image folders)."""
     source = display_path(item.source)
     ref = ImageRef("image", source, path=item.source)
-    out = process_image(ref, item.key, strategy, dtype, max_pixels=max_pixels)
+    out = process_image(ref, item.key, strategy.for_image(item.key, 0), dtype, max_pixels=max_pixels)
     if isinstance(out, Record):
         out.metadata.pop("name", None)
     return out

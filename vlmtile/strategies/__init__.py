@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from . import deepseek, internvl, llava, qwen, xcomposer
+from . import deepseek, internvl, llava, navit, qwen, xcomposer
 from .base import Plan, Preset, Result, Strategy, tunable_fields
 
 __all__ = [
@@ -94,6 +94,6 @@ def describe(strategy: Strategy) -> str:
     return f"{preset.name}[{','.join(changed)}]" if changed else preset.name
 
 
-for _module in (internvl, qwen, llava, deepseek, xcomposer):
+for _module in (internvl, qwen, llava, deepseek, xcomposer, navit):
     for _preset in _module.PRESETS:
         register_preset(_preset)

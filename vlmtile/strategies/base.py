@@ -204,6 +204,14 @@ class Strategy:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             expected = typing.get_origin(hints[f.name]) or hints[f.name]
+            # What JSON and Python callers naturally pass: a list for a tuple (manifests store lists), an
+            # int for a float (`drop_rate=0`). Anything else must already have the declared type.
+            if expected is tuple and isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, f.name, value)
+            elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
             ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
             if not ok:
                 raise ValueError(
@@ -267,6 +275,35 @@ class Strategy:
         """Lower the resolution limit so that no image exceeds `per_image` tokens (only for strategies
         listing "max_tokens" in `budget_rules`)."""
         raise NotImplementedError
+
+    def for_image(self, key: str, index: int) -> Strategy:
+        """The strategy for image `index` of sample `key`: self, unless the strategy draws at random.
+
+        A strategy with per-image randomness (`navit`'s resolution sampling and token dropping) returns a
+        copy that carries the image's identity, so that its `plan` stays a pure function of the strategy and
+        the size while each image gets its own draws: the same (seed, key, index) gives the same plan in
+        `preprocess` and `stats`, whatever the worker count or the order the images are processed in.
+        """
+        return self
+
+    def sequence_unit(self) -> int:
+        """How many consecutive `pixel_values` rows must stay together when rows are packed into sequences
+        (`vlmtile pack`): 1 for plain patch sequences, merge_size^2 for Qwen's merge windows, 0 when the
+        rows are not a patch sequence at all (tiles, canvases), which makes the output not packable."""
+        return 0
+
+    splittable: ClassVar[bool] = False
+    """Whether `pack --split-long` may cut one image's rows over several sequences (the model then attends
+    within each part only)."""
+
+    def patch_grid(self, metadata: Mapping[str, Any]) -> tuple[int, int]:
+        """(rows, cols) of the image's patch grid, from its stored metadata (packable strategies only)."""
+        raise NotImplementedError(f"{self.name}: pixel_values rows are not a patch sequence")
+
+    def patch_positions(self, metadata: Mapping[str, Any]) -> np.ndarray:
+        """(rows, 2) int32: the (row, col) grid coordinates of each stored `pixel_values` row, in stored
+        order, from the image's metadata (packable strategies only)."""
+        raise NotImplementedError(f"{self.name}: pixel_values rows are not a patch sequence")
 
     # -- shared behaviour -------------------------------------------------------------------------
     def for_sample(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -177,12 +178,34 @@ class QwenVL(Strategy):
         out[...] = normalized.reshape(n, 3, 1, -1)
         return out.reshape(pixels.shape)
 
+    def sequence_unit(self) -> int:
+        """A merge window (merge_size^2 rows) becomes one LLM token: packing never cuts one apart."""
+        return self.merge_size**2
+
+    def patch_grid(self, metadata: Mapping[str, Any]) -> tuple[int, int]:
+        _, grid_h, grid_w = metadata["image_grid_thw"]
+        return int(grid_h), int(grid_w)
+
+    def patch_positions(self, metadata: Mapping[str, Any]) -> np.ndarray:
+        """(row, col) of each row in merge-window order, the vision encoder's own 2-D rotary position ids
+        (transformers' `get_vision_position_ids` for a still image)."""
+        return merge_window_positions(*self.patch_grid(metadata), self.merge_size)
+
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
         blocks = pixels.reshape(grid_h // m, grid_w // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
         image = blocks.transpose(0, 2, 5, 1, 3, 6, 4).reshape(grid_h * p, grid_w * p, 3)
         return [(f"{p}-px patches, {m}x{m} merge windows", image)]
+
+
+def merge_window_positions(grid_h: int, grid_w: int, merge: int) -> np.ndarray:
+    """(grid_h*grid_w, 2) int32 (row, col) in merge-window order: windows in raster order, raster order
+    inside each window. For a 4x6 grid and merge 2: (0,0) (0,1) (1,0) (1,1) (0,2) (0,3) (1,2) (1,3) ..."""
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    shape = (grid_h // merge, merge, grid_w // merge, merge)
+    order = [a.reshape(shape).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols)]
+    return np.stack(order, axis=-1).astype(np.int32)
 
 
 PRESETS = [
