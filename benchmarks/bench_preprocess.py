@@ -7,9 +7,9 @@ the same run, it measures:
   user       the loop a user writes today: `Image.open`, the model's reference preprocessing, `np.save` of
              the float32 `pixel_values`, one image after another in one process. The reference is the
              transformers `*ImageProcessorPil` the public checkpoints configure (InternVL3-hf's GotOcr2,
-             Qwen2-VL, LLaVA-NeXT, LLaVA-OneVision); DeepSeek-VL2 and XComposer have no transformers
-             processor, so their original code as restated (numpy for torchvision's ToTensor/Normalize) in
-             the parity tests is used.
+             Qwen2-VL, LLaVA-NeXT, LLaVA-OneVision, SigLIP-2 for navit); DeepSeek-VL2 and XComposer have
+             no transformers processor, so their original code as restated (numpy for torchvision's
+             ToTensor/Normalize) in the parity tests is used.
   bound      the machine's bound for the strategy: decode, RGB conversion and exactly the resizes the
              reference performs, nothing else, in 1 process and in a pool of 2 (on these 2 cores).
   vlmtile    `preprocess` (strict, bit-exact), Parquet, float16 (the default), 1 and 2 workers.
@@ -89,6 +89,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "xcomposer2.5": {},
     "xcomposer2-vl": {},
     "xcomposer2": {},
+    "navit": {},
 }
 """Every registered strategy with its preset's defaults, except Qwen2.5-VL at max_pixels 1003520 (a common
 training budget, and the setting the performance issue quotes); qwen2-vl shows the 12.8 MP default."""
@@ -230,6 +231,10 @@ def user_preprocessor(name: str) -> Callable[[Image.Image], np.ndarray]:
         from test_llava import image_processor
 
         processor = image_processor(name)
+    elif name == "navit":
+        from test_navit import siglip2
+
+        processor = siglip2(256)
     elif name == "deepseek-vl2":
         from test_deepseek import load_original, ref_tokenize_images
 
@@ -246,6 +251,7 @@ def bound_resizes(strategy: Any, image: Image.Image) -> None:
     from vlmtile.strategies.deepseek import DeepSeekVL2, pad_box
     from vlmtile.strategies.internvl import InternVL
     from vlmtile.strategies.llava import LlavaNext
+    from vlmtile.strategies.navit import NaViT
     from vlmtile.strategies.xcomposer import XComposerFixed, XComposerHD
 
     bicubic, bilinear = Image.Resampling.BICUBIC, Image.Resampling.BILINEAR
@@ -270,6 +276,8 @@ def bound_resizes(strategy: Any, image: Image.Image) -> None:
         image.resize((plan.resized_width, plan.resized_height), bicubic)
         if plan.thumbnail:
             image.resize((strategy.tile_size, strategy.tile_size), bicubic)
+    elif isinstance(strategy, NaViT):
+        image.resize((plan.resized_width, plan.resized_height), bilinear)
     else:  # Qwen
         image.resize((plan.resized_width, plan.resized_height), bicubic)
 
