@@ -67,14 +67,14 @@ def test_large_jpeg_is_drafted_and_reduced(make_image: MakeImage) -> None:
     assert fast.metadata == strict.metadata
 
 
-def test_png_is_box_reduced_not_below_twice_the_target(make_image: MakeImage) -> None:
-    strategy = vlmtile.get_strategy("xcomposer2")
-    plan = strategy.plan(2000, 1000)
-    reduced = SourceReducer(strategy).reduce(make_image(2000, 1000, "RGB", 2), plan)
-    # The height limits the factor: 1000 // (2 x 224) = 2, so both sides halve and stay >= 448.
-    assert reduced.size == (1000, 500)
-    small = SourceReducer(strategy).reduce(make_image(800, 600, "RGB", 2), plan)
-    assert small.size == (800, 600)  # 600 // 448 = 1: nothing to gain
+def test_png_is_box_reduced_not_below_three_times_the_target(make_image: MakeImage) -> None:
+    strategy = vlmtile.get_strategy("xcomposer2")  # one 224x224 squash
+    plan = strategy.plan(3000, 1400)
+    reduced = SourceReducer(strategy).reduce(make_image(3000, 1400, "RGB", 2), plan)
+    # The height limits the factor: 1400 // (3 x 224) = 2, so both sides halve and stay >= 672.
+    assert reduced.size == (1500, 700)
+    small = SourceReducer(strategy).reduce(make_image(2000, 1000, "RGB", 2), plan)
+    assert small.size == (2000, 1000)  # 1000 // 672 = 1: nothing to gain
 
 
 def test_exif_rotated_jpeg_plans_like_strict(make_image: MakeImage) -> None:
