@@ -25,6 +25,7 @@ from .runner import (
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TASK_TIMEOUT,
+    EXECUTORS,
     RunConfig,
     available_cpus,
     preprocess,
@@ -196,7 +197,25 @@ def _budget(options: dict[str, Any]) -> Budget:
     help="Stored pixel dtype; uint8 keeps resized pixels before normalization (read back bit-exact).",
 )
 @click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores]."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes, or Ray tasks at once [default: all cores / all the Ray cluster's CPUs].",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="local: processes on this machine; ray: one Ray task per shard task, local or on a cluster "
+    "(pip install 'vlmtile[ray]'). The output is the same.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="Ray cluster to run on (host:port, ray://host:10001, auto) [default: $RAY_ADDRESS, else a new "
+    "local Ray for the run].",
 )
 @click.option(
     "--shard-size",
@@ -266,6 +285,8 @@ def preprocess_cmd(
     fmt: str,
     dtype: str,
     workers: int | None,
+    executor: str,
+    ray_address: str | None,
     shard_size: int,
     shard_bytes: int,
     prefix: str,
@@ -310,7 +331,9 @@ def preprocess_cmd(
             strategy=strategy,
             format=fmt,
             dtype=dtype,
-            workers=workers or available_cpus(),
+            workers=workers,
+            executor=executor,
+            ray_address=ray_address,
             shard_size=shard_size,
             shard_bytes=shard_bytes,
             prefix=prefix,

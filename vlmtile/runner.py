@@ -7,6 +7,7 @@ in `_shards/`; the manifest and the error record are written last, by the parent
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,18 +15,28 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, ray_executor
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .dtypes import STORAGE_DTYPES
 from .errors import RunStopped, VlmtileError
-from .executors import Interrupted, Progress, StopFlag, TaskFailed, WorkerDied, handle_signals, run_tasks
+from .executors import (
+    Interrupted,
+    Outcome,
+    Progress,
+    StopFlag,
+    SupportsIsSet,
+    TaskFailed,
+    WorkerDied,
+    handle_signals,
+    run_tasks,
+)
 from .ledger import (
     CHANGED,
     ERRORS,
@@ -80,6 +91,7 @@ DEFAULT_SHARD_BYTES = 1 << 30
 DEFAULT_PREFIX = "shard"
 RATE_MIN_INPUTS = 100
 """A failure rate (--max-errors P%) is judged once this many inputs of the run have been processed."""
+EXECUTORS = ("local", "ray")
 DEFAULT_TASK_TIMEOUT = 600.0
 """A worker silent this long on one input is hung (a 12 MP image takes well under a second)."""
 
@@ -100,7 +112,8 @@ class RunConfig:
     strategy: Strategy
     format: str = "parquet"
     dtype: str = "float16"
-    workers: int = field(default_factory=lambda: available_cpus())
+    workers: int | None = None
+    """Tasks at once. None: every usable core (local), or every CPU of the Ray cluster (`ray`)."""
     shard_size: int = DEFAULT_SHARD_SIZE
     shard_bytes: int = DEFAULT_SHARD_BYTES
     prefix: str = DEFAULT_PREFIX
@@ -126,6 +139,11 @@ class RunConfig:
     """Seconds a worker may go without finishing an input before its task is killed and retried."""
     task_retries: int = 1
     """How often a task whose worker died or hung is started again before its inputs become errors."""
+    executor: str = "local"
+    """"local": a process pool on this machine; "ray": one Ray task per shard task (`vlmtile[ray]`).
+    The output is the same either way, so neither this nor `workers` is part of the settings."""
+    ray_address: str | None = None
+    """The Ray cluster to use (else `RAY_ADDRESS`, else a local Ray started for the run)."""
 
     def __post_init__(self) -> None:
         if self.format not in SINKS:
@@ -134,8 +152,12 @@ class RunConfig:
             raise VlmtileError(f"unknown dtype {self.dtype!r}; valid: {', '.join(STORAGE_DTYPES)}")
         if self.shard_size < 1:
             raise VlmtileError(f"shard size must be at least 1, got {self.shard_size}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise VlmtileError(f"workers must be at least 1, got {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise VlmtileError(f"unknown executor {self.executor!r}; valid: {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise VlmtileError("--ray-address is for --executor ray")
         if not 0 <= self.rank < self.world_size:
             raise VlmtileError(
                 f"--rank must be in [0, --world-size); got rank {self.rank} of {self.world_size}"
@@ -551,6 +573,8 @@ def preprocess(config: RunConfig) -> RunSummary:
     same command continues from there.
     """
     started = time.perf_counter()
+    if config.executor == "ray" and not ray_executor.ray_available():
+        raise VlmtileError(ray_executor.RAY_MISSING)  # before anything is read or written
     listing = list_samples(config.inputs, config.sources)  # before touching OUT: bad inputs change nothing
     if not listing.samples and not listing.streams and not listing.failures:
         raise VlmtileError(f"no images found in {', '.join(config.inputs)}")
@@ -640,7 +664,7 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
 
     try:
         with handle_signals(stop):
-            for outcome in run_tasks(
+            for outcome in _executor(config)(
                 process_shard,
                 tasks,
                 config.workers,
@@ -677,6 +701,41 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
     if reason == "interrupted":
         reason = "interrupted (SIGINT / SIGTERM)"
     return reason
+
+
+class _RunTasks(Protocol):
+    """What `_run` needs of an executor: `executors.run_tasks`'s signature and contract."""
+
+    def __call__(
+        self,
+        fn: Callable[[ShardTask, Progress], ShardReport],
+        tasks: Sequence[ShardTask],
+        workers: int | None,
+        on_progress: Progress | None = None,
+        *,
+        stop: SupportsIsSet | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        on_retry: Callable[[ShardTask, int | None], None] | None = None,
+    ) -> Iterator[Outcome[ShardTask, ShardReport]]: ...
+
+
+def _executor(config: RunConfig) -> _RunTasks:
+    """The engine that runs the tasks: the local pool, or Ray. Both yield the same outcomes."""
+    if config.executor == "ray":
+        return functools.partial(ray_executor.run_tasks, address=config.ray_address)
+    return _local
+
+
+def _local(
+    fn: Callable[[ShardTask, Progress], ShardReport],
+    tasks: Sequence[ShardTask],
+    workers: int | None,
+    on_progress: Progress | None = None,
+    **kwargs: Any,
+) -> Iterator[Outcome[ShardTask, ShardReport]]:
+    """The local pool, on every usable core unless told otherwise."""
+    return run_tasks(fn, tasks, workers or available_cpus(), on_progress, **kwargs)
 
 
 def _too_many_errors(config: RunConfig, failures: int, processed: int) -> str | None:
