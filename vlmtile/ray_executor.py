@@ -218,7 +218,7 @@ def _signal_handlers() -> dict[int, Any]:
     """The Python handlers of the stop signals now (none off the main thread: they cannot be set there)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    handlers = {}
+    handlers: dict[int, Any] = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         handler = signal.getsignal(sig)
         if handler is not None:  # None: installed outside Python, cannot be put back
