@@ -380,7 +380,6 @@ def _drive(
             while pending and len(running) < limit:
                 index = pending.popleft()
                 attempts[index] += 1
-                last.pop(index, None)
                 key = _key(index, attempts[index])
                 ref = remote.remote(fn, tasks[index], key, tracker, cwd)
                 running[ref] = _Running(index, attempts[index], key)
@@ -406,6 +405,15 @@ def _drive(
             for ref in refs:
                 run = running.pop(ref)
                 result, error = judge(ref, run)
+                if error is not None and run.key not in workers_of:  # queued in Ray, never started
+                    attempts[run.index] -= 1
+                    if run.index in last:
+                        pid, previous = last[run.index]
+                        message = f"not restarted: the run was interrupted (last attempt: {previous})"
+                        yield Outcome(tasks[run.index], None, Interrupted(message), pid, attempts[run.index])
+                    else:
+                        yield Outcome(tasks[run.index], None, Interrupted(INTERRUPTED_NOT_STARTED), None, 0)
+                    continue
                 if error is not None and not isinstance(error, Interrupted):
                     error = Interrupted(f"{INTERRUPTED_RUNNING}: {error}")
                 yield Outcome(tasks[run.index], result, error, pid_of(run), attempts[run.index])
