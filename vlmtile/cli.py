@@ -20,6 +20,7 @@ from .decode import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .dtypes import STORAGE_DTYPES
 from .errors import ImageError, RunStopped, VlmtileError
 from .ledger import CHANGED, ERRORS
+from .merge import merge_manifests
 from .runner import (
     DEFAULT_PREFIX,
     DEFAULT_SHARD_BYTES,
@@ -410,6 +411,52 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
         click.echo(report.line(), err=not report.ok)
     if not report.ok:
         sys.exit(EXIT_FATAL)
+
+
+@cli.command("merge-manifests", context_settings=CONTEXT)
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory to merge into (created, or extended) [default: the one DIR given].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing unless tasks are missing or inputs failed.")
+def merge_cmd(dirs: tuple[str, ...], output: str | None, quiet: bool) -> None:
+    """Finish a --rank / --world-size job: one complete output directory, named as a single run would.
+
+    One DIR (the ranks shared it): re-finalize it and check that every planned task is done. Several
+    DIRs and -o OUT (each rank wrote its own): bring every finished task's files and records into OUT,
+    then name the shards in plan order. Other settings, or ranks that listed other inputs, are refused.
+    Exit status: 0 complete; 3 complete, some inputs failed; 1 tasks still missing, or refused.
+
+    \b
+    Examples:
+      vlmtile merge-manifests /shared/tiles
+      vlmtile merge-manifests host-a/tiles host-b/tiles host-c/tiles -o /data/tiles
+    """
+    try:
+        result = merge_manifests(dirs, output)
+    except VlmtileError as e:
+        raise click.ClickException(str(e)) from None
+    summary = result.summary
+    if result.pending:
+        shown = ", ".join(f"{index} ({inputs[0] if inputs else '-'})" for index, inputs in result.pending[:5])
+        more = f" and {len(result.pending) - 5:,} more" if len(result.pending) > 5 else ""
+        click.echo(
+            f"vlmtile: {len(result.pending):,} planned tasks are in none of the directories: {shown}{more}; "
+            "run their ranks again (task i belongs to rank i % world size), then merge",
+            err=True,
+        )
+        click.echo(summary.line(), err=True)
+        sys.exit(EXIT_FATAL)
+    if not quiet or summary.failures:
+        click.echo(summary.line(), err=bool(summary.failures))
+    if summary.failures:
+        where = os.path.join(summary.output, ERRORS)
+        click.echo(f"vlmtile: {summary.failures:,} inputs failed; see {where}", err=True)
+        sys.exit(EXIT_FAILURES)
 
 
 def _convert(value: str, f: dataclasses.Field[Any]) -> Any:

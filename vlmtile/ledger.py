@@ -84,7 +84,7 @@ def check_settings(output: str, settings: dict[str, Any], version: str) -> bool:
         stored = json.load(f)
     if stored.get("config_hash") == digest:
         return True
-    differ = _differences(stored.get("settings", {}), settings)
+    differ = differences(stored.get("settings", {}), settings)
     raise VlmtileError(
         f"{output} was made with other settings ({'; '.join(differ[:4]) or 'unknown'}); "
         "a directory never mixes two preprocessings: use another output directory, or --overwrite to "
@@ -92,11 +92,12 @@ def check_settings(output: str, settings: dict[str, Any], version: str) -> bool:
     )
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key.path: was X, now Y` for every setting that differs (for refusal messages)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     if old != new:
         return [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
@@ -329,11 +330,17 @@ def remove_partial(output: str, index: int) -> None:
 _PART = re.compile(r"^\.{1,2}part-(?P<index>\d{6})-")
 
 
+def part_index(name: str) -> int | None:
+    """The task index of a part file (or of its temporary file), None for any other name."""
+    match = _PART.match(name)
+    return int(match["index"]) if match else None
+
+
 def remove_orphans(output: str, planned: set[int]) -> None:
     """Remove part files of tasks the plan does not know (left by a run killed while planning)."""
     for name in os.listdir(output):
-        match = _PART.match(name)
-        if match and int(match["index"]) not in planned:
+        index = part_index(name)
+        if index is not None and index not in planned:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(output, name))
 

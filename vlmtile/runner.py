@@ -630,7 +630,10 @@ def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> R
         stopped = _run(todo, config, listing.layout)
         with plan_lock(config.output):
             plan = Plan.load(config.output)
-            summary = _write_results(config, plan, listing, started, changes, lock.took_over)
+            listing_errors = [f.to_dict() for f in listing.failures]
+            summary = write_results(
+                config, plan, listing.layout, listing_errors, started, changes, lock.took_over
+            )
     if stopped is not None:
         raise RunStopped(f"{stopped}; {summary.line()}", summary)
     return summary
@@ -751,19 +754,23 @@ def _too_many_errors(config: RunConfig, failures: int, processed: int) -> str | 
     return None
 
 
-def _write_results(
+def write_results(
     config: RunConfig,
     plan: Plan,
-    listing: Listing,
+    layout: str,
+    listing_errors: list[dict[str, Any]],
     started: float,
     changes: Changes,
     took_over: dict[str, Any] | None,
 ) -> RunSummary:
-    """Finalize names, then the error record, the wids index and (last) the manifest, from the records."""
+    """Finalize names, then the error record, the wids index and (last) the manifest, from the records.
+
+    `listing_errors`: inputs that failed before any task (manifest lines that are not JSON), which no
+    completion record holds. Also what `merge-manifests` ends with, for the directory it merged into.
+    """
     suffix = SINKS[config.format].suffix
     shards, done = finalize(config.output, plan, config.prefix, suffix)
     errors, totals = current_errors(plan, load_records(config.output, plan), done)
-    listing_errors = [f.to_dict() for f in listing.failures]
     errors = sorted([*errors, *listing_errors], key=lambda e: e["source"])
     totals["inputs"] += len(listing_errors)
     totals["failures"] = len(errors)
@@ -778,7 +785,7 @@ def _write_results(
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **settings,
-        "layout": listing.layout,
+        "layout": layout,
         "config_hash": config_hash(settings),
         "metadata_fields": dict(config.strategy.metadata_fields),
         "inputs": list(config.inputs),
@@ -803,7 +810,7 @@ def _write_results(
         bytes=totals["bytes"],
         shards=len(shards),
         seconds=time.perf_counter() - started,
-        layout=listing.layout,
+        layout=layout,
         complete=manifest["complete"],
         changed=len(changes.changed),
         changed_before=changed_before,
