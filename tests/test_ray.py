@@ -66,7 +66,7 @@ def local_ray() -> Iterator[str]:
         ray.shutdown()
 
 
-def run(folder: Path | str, out: Path, **kwargs: Any) -> vlmtile.RunSummary:
+def run(folder: Path | str | list[str], out: Path | str, **kwargs: Any) -> vlmtile.RunSummary:
     base: dict[str, Any] = {"strategy": STRATEGY, "shard_size": 2, "progress": False, "dtype": "uint8"}
     base.update(kwargs)
     inputs = (str(folder),) if isinstance(folder, Path | str) else tuple(folder)
@@ -86,18 +86,18 @@ def records(out: Path) -> list[dict[str, Any]]:
     return [{k: plain(v) for k, v in record.items()} for record in vlmtile.open_dataset(out, as_stored=True)]
 
 
-def comparable_manifest(out: Path) -> dict[str, Any]:
-    return {k: v for k, v in read_manifest(out).items() if k not in TIMING}
+def comparable_manifest(out: Path, ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
+    return {k: v for k, v in read_manifest(out).items() if k not in TIMING | ignore}
 
 
-def assert_same_output(local: Path, distributed: Path) -> None:
+def assert_same_output(local: Path, distributed: Path, ignore: frozenset[str] = frozenset()) -> None:
     """Same shard names and bytes, same records, same manifest but for its timestamp, same error record."""
     names = sorted(p.name for p in local.glob("shard-*"))
     assert names and sorted(p.name for p in distributed.glob("shard-*")) == names
     for name in names:
         assert (local / name).read_bytes() == (distributed / name).read_bytes(), name
     assert records(local) == records(distributed)
-    assert comparable_manifest(local) == comparable_manifest(distributed)
+    assert comparable_manifest(local, ignore) == comparable_manifest(distributed, ignore)
     assert read_errors(local) == read_errors(distributed)
 
 
@@ -351,3 +351,26 @@ def test_ray_address_needs_the_ray_executor(tmp_path: Path, make_image: MakeImag
     args = ["preprocess", str(folder), "-o", str(tmp_path / "out"), "-s", "internvl", "--ray-address", "auto"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "--ray-address is for --executor ray" in result.output
+
+
+# -- locations ------------------------------------------------------------------------------------------
+
+
+def test_file_urls_are_mounted_paths_and_object_storage_output_is_refused(
+    tmp_path: Path, make_image: MakeImage
+) -> None:
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 3)
+    as_urls = tmp_path / "urls"
+    summary = run(folder.as_uri(), as_urls.as_uri())
+    assert (summary.output, summary.records) == (str(as_urls), 3)
+    plain = tmp_path / "plain"
+    run(folder, plain)
+    assert_same_output(plain, as_urls, frozenset({"inputs"}))  # same sources, names, bytes as plain paths
+    assert read_manifest(as_urls)["inputs"] == [folder.as_uri()]  # the inputs as they were given
+
+    args = ["preprocess", str(folder), "-o", "s3://bucket/tiles", "-s", "internvl"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2
+    assert "object storage (s3://, gs://, ...) is not supported as output" in refused.output
+    assert not Path("s3:").exists()  # not a local folder named s3:

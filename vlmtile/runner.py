@@ -78,7 +78,7 @@ from .samples import (
 from .sinks import SINKS, ShardFile, ShardSink
 from .sources import display_path, make_key
 from .strategies import Strategy
-from .streams import is_url
+from .streams import is_url, local_path
 from .work import Budget, SampleRecord, process_sample
 
 SHARD_RECORDS = TASK_RECORDS
@@ -146,6 +146,15 @@ class RunConfig:
     """The Ray cluster to use (else `RAY_ADDRESS`, else a local Ray started for the run)."""
 
     def __post_init__(self) -> None:
+        output = local_path(self.output)  # file:///mnt/shared/out is the mounted path
+        if is_url(output):
+            raise VlmtileError(
+                f"output {self.output}: the output must be a directory on a file system with rename and "
+                "flock (a local disk, or NFS / Lustre / GPFS / CephFS mounted at the same path on every "
+                "node); object storage (s3://, gs://, ...) is not supported as output: write to a shared "
+                "mount, or locally and copy the finished directory"
+            )
+        object.__setattr__(self, "output", output)
         if self.format not in SINKS:
             raise VlmtileError(f"unknown format {self.format!r}; valid: {', '.join(SINKS)}")
         if self.dtype not in STORAGE_DTYPES:
