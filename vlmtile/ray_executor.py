@@ -356,7 +356,6 @@ def _drive(
         return Outcome(tasks[index], result, error, pid, attempts[index])
 
     def finished(refs: list[Any]) -> list[Outcome[T, R]]:
-        poll_tracker()  # the last progress of these tasks, and their pids
         outcomes = []
         done = []
         for ref in refs:
@@ -383,9 +382,14 @@ def _drive(
                 key = _key(index, attempts[index])
                 ref = remote.remote(fn, tasks[index], key, tracker, cwd)
                 running[ref] = _Running(index, attempts[index], key)
-            ready, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_SECONDS)
+            # Back as soon as one task is done (its CPU gets the next task at once), with every other
+            # one that is done by then.
+            ready, rest = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+            if ready and rest:
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            silence = poll_tracker()  # after the wait: the finished tasks' last progress and pids
             outcomes = finished(ready) if ready else []
-            silence = poll_tracker()
             if timeout is not None:
                 for ref, run in running.items():
                     if run.ended is None and silence.get(run.key, 0.0) > timeout:
