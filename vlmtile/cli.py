@@ -44,7 +44,7 @@ from .stats import (
 )
 from .strategies import describe, get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
-from .streams import is_url
+from .streams import is_url, local_path
 from .verify import verify
 from .visualize import inspect_image
 from .work import Budget
@@ -391,7 +391,7 @@ preprocess_cmd.name = "preprocess"
 
 
 @cli.command("verify", context_settings=CONTEXT)
-@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.argument("output")
 @click.option("--quick", is_flag=True, help="Skip the checksums (sizes, record counts and accounting only).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing when everything is in order.")
 def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
@@ -402,6 +402,9 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
     Example (after the cron job):
       vlmtile preprocess /data/incoming -o /data/tiles -s internvl -q && vlmtile verify /data/tiles --quick -q
     """
+    output = local_path(output)
+    if not is_url(output) and not os.path.isdir(output):
+        raise click.BadParameter(f"{output!r} is not a directory", param_hint="OUTPUT")
     report = verify(output, checksums=not quick)
     for problem in report.problems:
         click.echo(f"vlmtile verify: {problem}", err=True)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__
+from . import __version__, storage
 from .errors import VlmtileError
 from .ledger import (
     CHANGED,
@@ -90,6 +90,12 @@ def merge_manifests(dirs: Sequence[str], output: str | None = None) -> MergeResu
     started = time.perf_counter()
     if not dirs:
         raise VlmtileError("give at least one output directory")
+    remote = [path for path in [*dirs, output or ""] if storage.is_remote(path)]
+    if remote:
+        raise VlmtileError(
+            f"merge-manifests works on local or mounted directories, not {remote[0]}: copy the rank "
+            "directories to one machine (or write them to a shared file system), then merge"
+        )
     if output is None:
         if len(dirs) > 1:
             raise VlmtileError("merging several directories needs -o OUT, the directory to merge into")

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from . import __version__, ray_executor
+from . import __version__, ray_executor, storage
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .dtypes import STORAGE_DTYPES
 from .errors import RunStopped, VlmtileError
@@ -60,6 +61,7 @@ from .ledger import (
     record_path,
     remove_orphans,
     remove_partial,
+    remove_partials,
     run_lock,
     stream_skip,
     write_json_atomic,
@@ -146,14 +148,10 @@ class RunConfig:
     """The Ray cluster to use (else `RAY_ADDRESS`, else a local Ray started for the run)."""
 
     def __post_init__(self) -> None:
-        output = local_path(self.output)  # file:///mnt/shared/out is the mounted path
-        if is_url(output):
-            raise VlmtileError(
-                f"output {self.output}: the output must be a directory on a file system with rename and "
-                "flock (a local disk, or NFS / Lustre / GPFS / CephFS mounted at the same path on every "
-                "node); object storage (s3://, gs://, ...) is not supported as output: write to a shared "
-                "mount, or locally and copy the finished directory"
-            )
+        # file:///mnt/shared/out is the mounted path; other URLs are object storage (see `storage`)
+        output = local_path(self.output)
+        if output.startswith("pipe:"):
+            raise VlmtileError(f"output {self.output}: a pipe: command cannot be an output directory")
         object.__setattr__(self, "output", output)
         if self.format not in SINKS:
             raise VlmtileError(f"unknown format {self.format!r}; valid: {', '.join(SINKS)}")
@@ -311,13 +309,18 @@ class _RotatingWriter:
         self.files: list[tuple[ShardFile, dict[str, int]]] = []
         self.sink: ShardSink | None = None
         self.counts = {"records": 0, "tokens": 0, "tiles": 0}
+        self.staging: str | None = None
+        """Object-storage output: each file is written in this local directory, then uploaded."""
+        if storage.is_remote(task.output):
+            self.staging = tempfile.mkdtemp(prefix=f"vlmtile-stage-{task.index:06d}-")
 
     def write(self, record: SampleRecord) -> None:
         if self.sink is None:
             config = self.task.config
             sink_cls = SINKS[config.format]
             path = os.path.join(
-                self.task.output, part_name(self.task.index, len(self.files), sink_cls.suffix)
+                self.staging or self.task.output,
+                part_name(self.task.index, len(self.files), sink_cls.suffix),
             )
             self.sink = sink_cls(
                 path,
@@ -337,16 +340,23 @@ class _RotatingWriter:
     def close(self) -> None:
         if self.sink is not None:
             sink, self.sink = self.sink, None
-            self.files.append((sink.commit(), self.counts))
+            shard_file = sink.commit()
+            if self.staging is not None:  # the object appears whole once the upload completes
+                local = os.path.join(self.staging, shard_file.name)
+                storage.upload(local, storage.join(self.task.output, shard_file.name))
+                os.unlink(local)
+            self.files.append((shard_file, self.counts))
             self.counts = {"records": 0, "tokens": 0, "tiles": 0}
 
     def abort(self) -> None:
         if self.sink is not None:
             self.sink.abort()
         for shard_file, _ in self.files:
-            path = os.path.join(self.task.output, shard_file.name)
-            if os.path.exists(path):
-                os.unlink(path)
+            storage.remove(storage.join(self.task.output, shard_file.name))
+
+    def cleanup(self) -> None:
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _task_samples(task: ShardTask) -> Iterable[Sample | Failure]:
@@ -406,6 +416,8 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        writer.cleanup()
     report = ShardReport(task.index, tuple(writer.files), inputs, records, tokens, tiles, tuple(failures))
     errors = [
         {**f.to_dict(), **({"input": i} if i is not None else {})}
@@ -428,10 +440,10 @@ _OURS = (MANIFEST, ERRORS, SHARD_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_
 
 
 def _existing_output(output: str) -> list[str]:
-    if not os.path.isdir(output):
+    if not storage.isdir(output):
         return []
     ours = []
-    for name in os.listdir(output):
+    for name in storage.listdir(output):
         if name in _OURS or _SHARD_NAME.match(name) is not None or name.startswith((".part-", "..part-")):
             ours.append(name)
     return sorted(ours)
@@ -439,9 +451,11 @@ def _existing_output(output: str) -> list[str]:
 
 def _prepare_output(config: RunConfig) -> None:
     """Create OUT (the run lock lives in it)."""
-    if os.path.exists(config.output) and not os.path.isdir(config.output):
+    if storage.is_remote(config.output):
+        storage.filesystem(config.output)  # fsspec and the scheme's backend are there, or say so now
+    elif os.path.exists(config.output) and not os.path.isdir(config.output):
         raise VlmtileError(f"output {config.output} exists and is not a directory")
-    os.makedirs(config.output, exist_ok=True)
+    storage.makedirs(config.output)
 
 
 def _clear_output(config: RunConfig) -> None:
@@ -449,13 +463,13 @@ def _clear_output(config: RunConfig) -> None:
     without it, refuse output of an older vlmtile that has no run state to resume from."""
     if config.overwrite:
         for name in _existing_output(config.output):
-            path = os.path.join(config.output, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
+            path = storage.join(config.output, name)
+            if name == SHARD_RECORDS:
+                storage.rmtree(path)
             else:
-                os.unlink(path)
-    elif os.path.exists(os.path.join(config.output, MANIFEST)) and not os.path.exists(
-        os.path.join(config.output, RUN_FILE)
+                storage.remove(path)
+    elif storage.exists(storage.join(config.output, MANIFEST)) and not storage.exists(
+        storage.join(config.output, RUN_FILE)
     ):
         raise VlmtileError(
             f"output directory {config.output} holds output of an older vlmtile (no {RUN_FILE}) that cannot "
@@ -606,7 +620,7 @@ def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> R
         _clear_output(config)
         settings = config.settings()
         check_settings(config.output, settings, __version__)
-        os.makedirs(os.path.join(config.output, SHARD_RECORDS), exist_ok=True)
+        storage.makedirs(storage.join(config.output, SHARD_RECORDS))
         by_source = {s.source: s for s in listing.samples}
         streams = {s.source: s for s in listing.streams}
         stamps = {s.source: sample_stamp(s) for s in listing.samples}
@@ -632,8 +646,7 @@ def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> R
             for t in plan.tasks
             if t.index % config.world_size == config.rank and t.index not in records
         ]
-        for task in todo:  # what a killed attempt left behind
-            remove_partial(config.output, task.index)
+        remove_partials(config.output, {task.index for task in todo})  # what killed attempts left
         if config.world_size == 1:
             remove_orphans(config.output, {t.index for t in plan.tasks})
         stopped = _run(todo, config, listing.layout)
@@ -786,8 +799,8 @@ def write_results(
     totals["bytes"] = sum(s["bytes"] for s in shards)
     pending = len(plan.tasks) - done
     changed_before = _previous_changed(config.output)
-    write_json_atomic(os.path.join(config.output, CHANGED), changes.changed, lines=True)
-    write_json_atomic(os.path.join(config.output, ERRORS), errors, lines=True)
+    write_json_atomic(storage.join(config.output, CHANGED), changes.changed, lines=True)
+    write_json_atomic(storage.join(config.output, ERRORS), errors, lines=True)
     settings = config.settings()
     manifest = {
         "vlmtile_version": __version__,
@@ -808,8 +821,8 @@ def write_results(
         "changed_inputs": len(changes.changed),
     }
     if config.format == "webdataset":
-        write_json_atomic(os.path.join(config.output, WIDS_INDEX), wids_index(shards))
-    write_json_atomic(os.path.join(config.output, MANIFEST), manifest)
+        write_json_atomic(storage.join(config.output, WIDS_INDEX), wids_index(shards))
+    write_json_atomic(storage.join(config.output, MANIFEST), manifest)
     return RunSummary(
         output=config.output,
         inputs=totals["inputs"],
@@ -829,8 +842,7 @@ def write_results(
 
 def _previous_changed(output: str) -> int:
     try:
-        with open(os.path.join(output, MANIFEST), encoding="utf-8") as f:
-            return int(json.load(f).get("changed_inputs", 0))
+        return int(json.loads(storage.read_bytes(storage.join(output, MANIFEST))).get("changed_inputs", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
 
