@@ -173,3 +173,5 @@ def test_object_storage_refusals(tmp_path: Path, make_image: MakeImage, bucket: 
         assert not Path("s3:").exists()  # and no local folder named s3: either
     with pytest.raises(vlmtile.VlmtileError, match=r"merge-manifests works on local or mounted"):
         merge_manifests([str(tmp_path)], bucket)
+    with pytest.raises(vlmtile.VlmtileError, match=r"reading an output on object storage is not supported"):
+        vlmtile.open_dataset(bucket)
