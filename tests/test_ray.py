@@ -380,3 +380,12 @@ def test_ray_tasks_write_to_object_storage(tmp_path: Path, make_image: MakeImage
     local = tmp_path / "local"
     run(folder, local, workers=2)
     assert_same_output(local, tmp_path / "bucket")
+
+
+def test_a_lost_progress_actor_never_fails_a_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress is best effort: with its actor gone (its node died), a task still runs and reports."""
+    monkeypatch.chdir(tmp_path)  # the task body changes directory: back to the test's after it
+    actor = ray.remote(ray_executor._Tracker).options(num_cpus=0).remote()
+    ray.kill(actor)
+    assert ray_executor._run_one(double, 21, "0:1", actor, str(tmp_path)) == ("result", 42)
+    assert ray_executor._run_one(double, 21, "0:1", None, str(tmp_path)) == ("result", 42)

@@ -141,8 +141,9 @@ class _Reporter:
             self.flush()
 
     def flush(self) -> None:
-        if self.images or self.tokens:
-            self.tracker.add.remote(self.key, self.images, self.tokens)
+        if (self.images or self.tokens) and self.tracker is not None:
+            with contextlib.suppress(Exception):  # progress is best effort: it never fails a task
+                self.tracker.add.remote(self.key, self.images, self.tokens)
             self.images = self.tokens = 0
         self.sent = time.monotonic()
 
@@ -157,7 +158,11 @@ def _run_one(fn: Callable[[T, Progress], R], task: T, key: str, tracker: Any, cw
     # Waited for: the driver must know the task has started (its timeout counts from here, and its pid
     # names the attempt) before the task can die.
     ray = importlib.import_module("ray")
-    ray.get(tracker.started.remote(key, os.getpid(), node))
+    if tracker is not None:
+        try:
+            ray.get(tracker.started.remote(key, os.getpid(), node), timeout=60)
+        except Exception:  # noqa: BLE001 - the progress actor is gone: run without progress and timeout
+            tracker = None
     try:
         os.chdir(cwd)
     except OSError as e:
