@@ -327,6 +327,43 @@ def test_cli_on_an_existing_cluster_through_ray_address(
     assert verified.exit_code == 0 and "OK: 2 shards, 3 records + 1 errors = 4 of 4 inputs" in verified.output
 
 
+def test_sigterm_stops_a_ray_run_in_order_and_the_rerun_finishes(
+    tmp_path: Path, make_image: MakeImage, local_ray: str
+) -> None:
+    """SIGTERM (Slurm, systemd, cron's kill) to a driver on a cluster: exit 1 with what finished named,
+    its tasks cancelled; the same command then finishes the job with every input once."""
+    folder = tmp_path / "in"
+    inputs = []
+    for i in range(10):
+        path = folder / f"photo{i:02d}.png"
+        save_image(make_image(900 + 17 * i, 700, "RGB", i), path, "PNG")
+        inputs.append(path)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "vlmtile", "preprocess", str(folder), "-o", str(out), "-s", "internvl",
+        "--max-tiles", "6", "--shard-size", "1", "--dtype", "uint8", "-q",
+        "--executor", "ray", "--ray-address", local_ray,
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    records = out / "_shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if records.exists() and len(list(records.glob("task-*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be stopped: make the inputs bigger"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert "interrupted (SIGINT / SIGTERM)" in stderr and "run the same command again" in stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr  # not Ray's abort
+    assert not verify(str(out)).ok
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_exactly_once(out, inputs)
+
+
 def test_missing_ray_is_a_one_line_error(
     tmp_path: Path, make_image: MakeImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
