@@ -57,6 +57,17 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, path
 
 
+def _fresh(url: str) -> tuple[Any, str]:
+    """`filesystem`, with what fsspec remembers of `url`'s listing forgotten first.
+
+    Backends such as s3fs answer `exists` and `ls` from a listing cached by an earlier call; the files
+    that other processes (the tasks) wrote since would look missing to the driver.
+    """
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 def join(base: str, *names: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *names])
@@ -65,14 +76,14 @@ def join(base: str, *names: str) -> str:
 
 def exists(path: str) -> bool:
     if is_remote(path):
-        fs, inner = filesystem(path)
+        fs, inner = _fresh(path)
         return bool(fs.exists(inner))
     return os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
     if is_remote(path):
-        fs, inner = filesystem(path)
+        fs, inner = _fresh(path)
         return bool(fs.isdir(inner))
     return os.path.isdir(path)
 
@@ -88,7 +99,7 @@ def makedirs(path: str) -> None:
 def listdir(path: str) -> list[str]:
     """Names directly in `path` (empty when it does not exist)."""
     if is_remote(path):
-        fs, inner = filesystem(path)
+        fs, inner = _fresh(path)
         try:
             entries = fs.ls(inner, detail=False)
         except FileNotFoundError:
@@ -161,7 +172,7 @@ def replace(source: str, target: str) -> None:
 
 def getsize(path: str) -> int:
     if is_remote(path):
-        fs, inner = filesystem(path)
+        fs, inner = _fresh(path)
         return int(fs.size(inner))
     return os.path.getsize(path)
 
