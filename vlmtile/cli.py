@@ -20,6 +20,7 @@ from .decode import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from .dtypes import STORAGE_DTYPES
 from .errors import ImageError, RunStopped, VlmtileError
 from .ledger import CHANGED, ERRORS
+from .merge import merge_manifests
 from .pack import PackConfig, open_source, pack
 from .packing import DEFAULT_BUFFER, DEFAULT_BUFFER_BYTES, FITS
 from .runner import (
@@ -27,6 +28,7 @@ from .runner import (
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TASK_TIMEOUT,
+    EXECUTORS,
     RunConfig,
     available_cpus,
     preprocess,
@@ -45,7 +47,7 @@ from .stats import (
 )
 from .strategies import describe, get_preset, get_strategy, list_strategies
 from .strategies.base import tunable_fields
-from .streams import is_url
+from .streams import is_url, local_path
 from .verify import verify
 from .visualize import inspect_image
 from .work import Budget
@@ -238,7 +240,25 @@ def _budget(options: dict[str, Any]) -> Budget:
     help="Stored pixel dtype; uint8 keeps resized pixels before normalization (read back bit-exact).",
 )
 @click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: all cores]."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes, or Ray tasks at once [default: all cores / all the Ray cluster's CPUs].",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    default="local",
+    show_default=True,
+    help="local: processes on this machine; ray: one Ray task per shard task, local or on a cluster "
+    "(pip install 'vlmtile[ray]'). The output is the same.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="Ray cluster to run on (host:port, ray://host:10001, auto) [default: $RAY_ADDRESS, else a new "
+    "local Ray for the run].",
 )
 @click.option(
     "--shard-size",
@@ -314,6 +334,8 @@ def preprocess_cmd(
     fmt: str,
     dtype: str,
     workers: int | None,
+    executor: str,
+    ray_address: str | None,
     shard_size: int,
     shard_bytes: int,
     prefix: str,
@@ -359,7 +381,9 @@ def preprocess_cmd(
             strategy=strategy,
             format=fmt,
             dtype=dtype,
-            workers=workers or available_cpus(),
+            workers=workers,
+            executor=executor,
+            ray_address=ray_address,
             shard_size=shard_size,
             shard_bytes=shard_bytes,
             prefix=prefix,
@@ -547,7 +571,7 @@ def pack_cmd(
 
 
 @cli.command("verify", context_settings=CONTEXT)
-@click.argument("output", type=click.Path(exists=True, file_okay=False))
+@click.argument("output")
 @click.option("--quick", is_flag=True, help="Skip the checksums (sizes, record counts and accounting only).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing when everything is in order.")
 def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
@@ -558,6 +582,9 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
     Example (after the cron job):
       vlmtile preprocess /data/incoming -o /data/tiles -s internvl -q && vlmtile verify /data/tiles --quick -q
     """
+    output = local_path(output)
+    if not is_url(output) and not os.path.isdir(output):
+        raise click.BadParameter(f"{output!r} is not a directory", param_hint="OUTPUT")
     report = verify(output, checksums=not quick)
     for problem in report.problems:
         click.echo(f"vlmtile verify: {problem}", err=True)
@@ -567,6 +594,52 @@ def verify_cmd(output: str, quick: bool, quiet: bool) -> None:
         click.echo(report.line(), err=not report.ok)
     if not report.ok:
         sys.exit(EXIT_FATAL)
+
+
+@cli.command("merge-manifests", context_settings=CONTEXT)
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory to merge into (created, or extended) [default: the one DIR given].",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing unless tasks are missing or inputs failed.")
+def merge_cmd(dirs: tuple[str, ...], output: str | None, quiet: bool) -> None:
+    """Finish a --rank / --world-size job: one complete output directory, named as a single run would.
+
+    One DIR (the ranks shared it): re-finalize it and check that every planned task is done. Several
+    DIRs and -o OUT (each rank wrote its own): bring every finished task's files and records into OUT,
+    then name the shards in plan order. Other settings, or ranks that listed other inputs, are refused.
+    Exit status: 0 complete; 3 complete, some inputs failed; 1 tasks still missing, or refused.
+
+    \b
+    Examples:
+      vlmtile merge-manifests /shared/tiles
+      vlmtile merge-manifests host-a/tiles host-b/tiles host-c/tiles -o /data/tiles
+    """
+    try:
+        result = merge_manifests(dirs, output)
+    except VlmtileError as e:
+        raise click.ClickException(str(e)) from None
+    summary = result.summary
+    if result.pending:
+        shown = ", ".join(f"{index} ({inputs[0] if inputs else '-'})" for index, inputs in result.pending[:5])
+        more = f" and {len(result.pending) - 5:,} more" if len(result.pending) > 5 else ""
+        click.echo(
+            f"vlmtile: {len(result.pending):,} planned tasks are in none of the directories: {shown}{more}; "
+            "run their ranks again (task i belongs to rank i % world size), then merge",
+            err=True,
+        )
+        click.echo(summary.line(), err=True)
+        sys.exit(EXIT_FATAL)
+    if not quiet or summary.failures:
+        click.echo(summary.line(), err=bool(summary.failures))
+    if summary.failures:
+        where = os.path.join(summary.output, ERRORS)
+        click.echo(f"vlmtile: {summary.failures:,} inputs failed; see {where}", err=True)
+        sys.exit(EXIT_FAILURES)
 
 
 def _convert(value: str, f: dataclasses.Field[Any]) -> Any:

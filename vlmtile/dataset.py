@@ -23,6 +23,7 @@ from .ledger import MANIFEST
 from .samples import members_as_json
 from .strategies import Strategy, get_preset, get_strategy
 from .strategies.base import tunable_fields
+from .streams import is_url
 
 
 def strategy_from_manifest(manifest: dict[str, Any]) -> Strategy:
@@ -44,6 +45,11 @@ class Dataset:
 
     def __init__(self, path: str | os.PathLike[str], *, as_stored: bool = False) -> None:
         self.path = os.fspath(path)
+        if is_url(self.path):
+            raise VlmtileError(
+                f"{self.path}: reading an output on object storage is not supported by open_dataset yet; "
+                "copy it to a local or mounted directory (pyarrow and webdataset read the shards by URL)"
+            )
         manifest_path = os.path.join(self.path, MANIFEST)
         if not os.path.exists(manifest_path):
             raise VlmtileError(f"{self.path} has no {MANIFEST}: not a finished vlmtile output directory")

@@ -28,13 +28,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import storage
 from .errors import VlmtileError
 
 RUN_FILE = "_run.json"
@@ -48,23 +51,17 @@ CHANGED = "_changed.jsonl"
 
 
 def write_json_atomic(path: str, data: Any, *, lines: bool = False) -> None:
-    """Temp file, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                for row in data:
-                    f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            else:
-                json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Temp file, fsync, rename (or one object upload): a reader sees the old file or the new one."""
+    if lines:
+        text = "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in data)
+    else:
+        text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    storage.write_atomic(path, text.encode("utf-8"))
+
+
+def _read_json(path: str) -> Any:
+    """The parsed file; `FileNotFoundError` when it is not there."""
+    return json.loads(storage.read_bytes(path).decode("utf-8"))
 
 
 def config_hash(settings: dict[str, Any]) -> str:
@@ -80,10 +77,10 @@ _OURS = (MANIFEST, ERRORS, TASK_RECORDS, WIDS_INDEX, RUN_FILE, PLAN_FILE, PLAN_L
 
 def existing_output(output: str) -> list[str]:
     """Names in `output` that vlmtile wrote (shards, part files, run state), sorted; nothing else."""
-    if not os.path.isdir(output):
+    if not storage.isdir(output):
         return []
     ours = []
-    for name in os.listdir(output):
+    for name in storage.listdir(output):
         if name in _OURS or _SHARD_NAME.match(name) is not None or name.startswith((".part-", "..part-")):
             ours.append(name)
     return sorted(ours)
@@ -92,18 +89,20 @@ def existing_output(output: str) -> list[str]:
 def remove_output(output: str) -> None:
     """--overwrite, under the run lock: remove everything vlmtile wrote in `output` (and nothing else)."""
     for name in existing_output(output):
-        path = os.path.join(output, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        path = storage.join(output, name)
+        if name == TASK_RECORDS:
+            storage.rmtree(path)
         else:
-            os.unlink(path)
+            storage.remove(path)
 
 
 def prepare_output(output: str) -> None:
     """Create the output directory (the run lock lives in it)."""
-    if os.path.exists(output) and not os.path.isdir(output):
+    if storage.is_remote(output):
+        storage.filesystem(output)  # fsspec and the scheme's backend are there, or say so now
+    elif os.path.exists(output) and not os.path.isdir(output):
         raise VlmtileError(f"output {output} exists and is not a directory")
-    os.makedirs(output, exist_ok=True)
+    storage.makedirs(output)
 
 
 # -- settings -------------------------------------------------------------------------------------------
@@ -111,16 +110,15 @@ def prepare_output(output: str) -> None:
 
 def check_settings(output: str, settings: dict[str, Any], version: str) -> bool:
     """Record the settings on the first run; refuse a run whose settings differ. True if resuming."""
-    path = os.path.join(output, RUN_FILE)
+    path = storage.join(output, RUN_FILE)
     digest = config_hash(settings)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         write_json_atomic(path, {"settings": settings, "config_hash": digest, "vlmtile_version": version})
         return False
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
+    stored = _read_json(path)
     if stored.get("config_hash") == digest:
         return True
-    differ = _differences(stored.get("settings", {}), settings)
+    differ = differences(stored.get("settings", {}), settings)
     raise VlmtileError(
         f"{output} was made with other settings ({'; '.join(differ[:4]) or 'unknown'}); "
         "a directory never mixes two preprocessings: use another output directory, or --overwrite to "
@@ -128,11 +126,12 @@ def check_settings(output: str, settings: dict[str, Any], version: str) -> bool:
     )
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key.path: was X, now Y` for every setting that differs (for refusal messages)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            out += differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     if old != new:
         return [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
@@ -191,8 +190,81 @@ class RunLock:
     took_over: dict[str, Any] | None = None
 
 
+LEASE_SECONDS = 120.0
+"""An object-storage run lock not renewed for this long belongs to a killed run."""
+LEASE_RENEW = 20.0
+"""How often a live run renews its lease."""
+LEASE_SETTLE = 0.5
+"""Seconds between writing a lease and reading it back, to see a run that started at the same moment."""
+
+
 @contextlib.contextmanager
 def run_lock(output: str, rank: int | None = None) -> Iterator[RunLock]:
+    """Hold the run lock for the whole run (see `_flock_run_lock`; on object storage `_lease`)."""
+    if storage.is_remote(output):
+        if rank is not None:
+            raise VlmtileError(
+                f"--rank needs a shared lock, which object storage ({output}) cannot give: give each rank "
+                "its own output and merge them with `vlmtile merge-manifests`, or use a shared file system"
+            )
+        with _lease(output) as state:
+            yield state
+    else:
+        with _flock_run_lock(output, rank) as state:
+            yield state
+
+
+@contextlib.contextmanager
+def _lease(output: str) -> Iterator[RunLock]:
+    """The run lock on object storage, where there is no flock: a `_lock` object naming its holder,
+    renewed every `LEASE_RENEW` seconds by a thread and removed at the end.
+
+    A lease renewed within `LEASE_SECONDS` refuses the run; an older one was left by a killed run and is
+    taken over (reported like a killed run's flock). Two runs starting within the same half second could
+    both write a lease: each reads it back after `LEASE_SETTLE` and the one that finds the other's gives
+    up, but a slower store could still let both in. This is advisory, not a guarantee like flock: start
+    runs on object storage from one scheduler (one cron host). Clocks of the hosts involved must agree to
+    well within a minute.
+    """
+    path = storage.join(output, "_lock")
+    try:
+        holder = _read_json(path)
+    except (FileNotFoundError, ValueError):
+        holder = None
+    now = time.time()
+    if isinstance(holder, dict) and now - float(holder.get("renewed", 0)) < LEASE_SECONDS:
+        raise VlmtileError(
+            f"another vlmtile run holds {path} ({_describe(holder)}); wait for it to finish (a lease "
+            f"renewed every {LEASE_RENEW:g} s: a killed run's expires after {LEASE_SECONDS:g} s)"
+        )
+    mine = {**_holder(), "token": uuid.uuid4().hex, "renewed": now}
+    write_json_atomic(path, mine)
+    time.sleep(LEASE_SETTLE)
+    try:
+        seen = _read_json(path)
+    except (FileNotFoundError, ValueError):
+        seen = None
+    if not isinstance(seen, dict) or seen.get("token") != mine["token"]:
+        raise VlmtileError(f"another vlmtile run took {path} at the same moment ({_describe(seen)})")
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_RENEW):
+            with contextlib.suppress(Exception):  # a blip: the next renewal tries again
+                write_json_atomic(path, {**mine, "renewed": time.time()})
+
+    renewer = threading.Thread(target=renew, name="vlmtile-lease", daemon=True)
+    renewer.start()
+    try:
+        yield RunLock(took_over=holder if isinstance(holder, dict) else None)
+    finally:
+        stop.set()
+        renewer.join()
+        storage.remove(path)
+
+
+@contextlib.contextmanager
+def _flock_run_lock(output: str, rank: int | None = None) -> Iterator[RunLock]:
     """Hold the run lock for the whole run; refuse when a live run holds it.
 
     The lock is `flock` on `OUT/_lock` (exclusive), or with `--rank` a shared lock on `_lock` plus an
@@ -245,8 +317,12 @@ def run_lock(output: str, rank: int | None = None) -> Iterator[RunLock]:
 def plan_lock(output: str) -> Iterator[None]:
     """A short exclusive lock (flock) around reading and extending the plan and around finalizing.
 
-    flock is released by the kernel when the process dies, so it can never go stale.
+    flock is released by the kernel when the process dies, so it can never go stale. On object storage
+    the run lock (a lease) is all there is: a run there never has company (no --rank).
     """
+    if storage.is_remote(output):
+        yield
+        return
     fd = os.open(os.path.join(output, PLAN_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -287,24 +363,27 @@ class Plan:
 
     @classmethod
     def load(cls, output: str) -> Plan:
-        path = os.path.join(output, PLAN_FILE)
+        path = storage.join(output, PLAN_FILE)
         tasks: list[PlannedTask] = []
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    row = json.loads(line)
-                    tasks.append(
-                        PlannedTask(
-                            index=row["index"],
-                            sources=tuple(row.get("sources", ())),
-                            stream=row.get("stream"),
-                            run=row.get("run", 0),
-                        )
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except FileNotFoundError:
+            text = ""
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                tasks.append(
+                    PlannedTask(
+                        index=row["index"],
+                        sources=tuple(row.get("sources", ())),
+                        stream=row.get("stream"),
+                        run=row.get("run", 0),
                     )
+                )
         return cls(tasks)
 
     def save(self, output: str) -> None:
-        write_json_atomic(os.path.join(output, PLAN_FILE), [t.to_dict() for t in self.tasks], lines=True)
+        write_json_atomic(storage.join(output, PLAN_FILE), [t.to_dict() for t in self.tasks], lines=True)
 
     @property
     def runs(self) -> int:
@@ -337,41 +416,52 @@ class Plan:
 
 
 def record_path(output: str, index: int) -> str:
-    return os.path.join(output, TASK_RECORDS, f"task-{index:06d}.json")
+    return storage.join(output, TASK_RECORDS, f"task-{index:06d}.json")
 
 
 def load_record(output: str, index: int) -> dict[str, Any] | None:
     path = record_path(output, index)
     try:
-        with open(path, encoding="utf-8") as f:
-            data: dict[str, Any] = json.load(f)
-            return data
+        data: dict[str, Any] = _read_json(path)
+        return data
     except FileNotFoundError:
         return None
     except ValueError:  # a record is written atomically; an unreadable one is damage: redo the task
-        os.unlink(path)
+        storage.remove(path)
         return None
 
 
 def remove_partial(output: str, index: int) -> None:
     """Remove what an unfinished attempt at task `index` left (parts and their temporary files)."""
-    prefixes = (f".part-{index:06d}-", f"..part-{index:06d}-")
-    for name in os.listdir(output):
-        if name.startswith(prefixes):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(output, name))
+    remove_partials(output, {index})
+
+
+def remove_partials(output: str, indices: set[int]) -> None:
+    """`remove_partial` for several tasks with one listing of the directory (a listing of an object
+    store's prefix is a request per thousand names, not a system call)."""
+    if not indices:
+        return
+    for name in storage.listdir(output):
+        index = part_index(name)
+        if index is not None and index in indices:
+            storage.remove(storage.join(output, name))
 
 
 _PART = re.compile(r"^\.{1,2}part-(?P<index>\d{6})-")
 
 
+def part_index(name: str) -> int | None:
+    """The task index of a part file (or of its temporary file), None for any other name."""
+    match = _PART.match(name)
+    return int(match["index"]) if match else None
+
+
 def remove_orphans(output: str, planned: set[int]) -> None:
     """Remove part files of tasks the plan does not know (left by a run killed while planning)."""
-    for name in os.listdir(output):
-        match = _PART.match(name)
-        if match and int(match["index"]) not in planned:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(output, name))
+    for name in storage.listdir(output):
+        index = part_index(name)
+        if index is not None and index not in planned:
+            storage.remove(storage.join(output, name))
 
 
 _FINAL = re.compile(r"^(?P<prefix>[\w-]+)-(?P<n>\d{6})\.(parquet|tar)$")
@@ -397,11 +487,11 @@ def finalize(output: str, plan: Plan, prefix: str, suffix: str) -> tuple[list[di
         for entry in record["files"]:
             final = f"{prefix}-{len(shards):06d}{suffix}"
             if entry.get("name") != final:
-                part = os.path.join(output, entry["part"])
-                target = os.path.join(output, final)
-                if os.path.exists(part):
-                    os.replace(part, target)
-                elif not (os.path.exists(target) and _sha256(target) == entry["sha256"]):
+                part = storage.join(output, entry["part"])
+                target = storage.join(output, final)
+                if storage.exists(part):
+                    storage.replace(part, target)
+                elif not (storage.exists(target) and storage.sha256(target) == entry["sha256"]):
                     raise VlmtileError(
                         f"{output}: task {task.index}'s file {entry['part']} is missing (removed by hand?); "
                         "run with --overwrite to rebuild the directory"
@@ -412,20 +502,8 @@ def finalize(output: str, plan: Plan, prefix: str, suffix: str) -> tuple[list[di
         if changed:
             write_json_atomic(record_path(output, task.index), record)
     if shards:
-        fd = os.open(output, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        storage.sync_dir(output)
     return shards, done
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_records(output: str, plan: Plan) -> dict[int, dict[str, Any]]:

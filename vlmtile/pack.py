@@ -268,6 +268,8 @@ def pack_task(task: PackTask, progress: Progress) -> PackTaskReport:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        writer.cleanup()
     files = [{"part": f.name, **counts, "bytes": f.bytes, "sha256": f.sha256} for f, counts in writer.files]
     record_data = {
         "index": task.index,

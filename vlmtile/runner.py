@@ -7,24 +7,35 @@ in `_shards/`; the manifest and the error record are written last, by the parent
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, ray_executor, storage
 from .decode import DEFAULT_MAX_IMAGE_PIXELS
 from .dtypes import STORAGE_DTYPES
 from .errors import RunStopped, VlmtileError
-from .executors import Interrupted, Progress, StopFlag, TaskFailed, WorkerDied, handle_signals, run_tasks
+from .executors import (
+    Interrupted,
+    Outcome,
+    Progress,
+    StopFlag,
+    SupportsIsSet,
+    TaskFailed,
+    WorkerDied,
+    handle_signals,
+    run_tasks,
+)
 from .ledger import (
     CHANGED,
     ERRORS,
@@ -48,6 +59,7 @@ from .ledger import (
     remove_orphans,
     remove_output,
     remove_partial,
+    remove_partials,
     run_lock,
     stream_skip,
     write_json_atomic,
@@ -66,7 +78,7 @@ from .samples import (
 from .sinks import SINKS, RotatingWriter, ShardFile, ShardSink
 from .sources import display_path, make_key
 from .strategies import Strategy
-from .streams import is_url
+from .streams import is_url, local_path
 from .work import Budget, SampleRecord, process_sample
 
 SHARD_RECORDS = TASK_RECORDS
@@ -79,6 +91,7 @@ DEFAULT_SHARD_BYTES = 1 << 30
 DEFAULT_PREFIX = "shard"
 RATE_MIN_INPUTS = 100
 """A failure rate (--max-errors P%) is judged once this many inputs of the run have been processed."""
+EXECUTORS = ("local", "ray")
 DEFAULT_TASK_TIMEOUT = 600.0
 """A worker silent this long on one input is hung (a 12 MP image takes well under a second)."""
 
@@ -99,7 +112,8 @@ class RunConfig:
     strategy: Strategy
     format: str = "parquet"
     dtype: str = "float16"
-    workers: int = field(default_factory=lambda: available_cpus())
+    workers: int | None = None
+    """Tasks at once. None: every usable core (local), or every CPU of the Ray cluster (`ray`)."""
     shard_size: int = DEFAULT_SHARD_SIZE
     shard_bytes: int = DEFAULT_SHARD_BYTES
     prefix: str = DEFAULT_PREFIX
@@ -127,16 +141,30 @@ class RunConfig:
     """How often a task whose worker died or hung is started again before its inputs become errors."""
     fast: bool = False
     """Shrink sources before the strategy's resizes (`vlmtile.fast`): faster, NOT bit-exact."""
+    executor: str = "local"
+    """"local": a process pool on this machine; "ray": one Ray task per shard task (`vlmtile[ray]`).
+    The output is the same either way, so neither this nor `workers` is part of the settings."""
+    ray_address: str | None = None
+    """The Ray cluster to use (else `RAY_ADDRESS`, else a local Ray started for the run)."""
 
     def __post_init__(self) -> None:
+        # file:///mnt/shared/out is the mounted path; other URLs are object storage (see `storage`)
+        output = local_path(self.output)
+        if output.startswith("pipe:"):
+            raise VlmtileError(f"output {self.output}: a pipe: command cannot be an output directory")
+        object.__setattr__(self, "output", output)
         if self.format not in SINKS:
             raise VlmtileError(f"unknown format {self.format!r}; valid: {', '.join(SINKS)}")
         if self.dtype not in STORAGE_DTYPES:
             raise VlmtileError(f"unknown dtype {self.dtype!r}; valid: {', '.join(STORAGE_DTYPES)}")
         if self.shard_size < 1:
             raise VlmtileError(f"shard size must be at least 1, got {self.shard_size}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise VlmtileError(f"workers must be at least 1, got {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise VlmtileError(f"unknown executor {self.executor!r}; valid: {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise VlmtileError("--ray-address is for --executor ray")
         if not 0 <= self.rank < self.world_size:
             raise VlmtileError(
                 f"--rank must be in [0, --world-size); got rank {self.rank} of {self.world_size}"
@@ -356,6 +384,8 @@ def process_shard(task: ShardTask, progress: Progress) -> ShardReport:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        writer.cleanup()
     report = ShardReport(task.index, tuple(writer.files), inputs, records, tokens, tiles, tuple(failures))
     errors = [
         {**f.to_dict(), **({"input": i} if i is not None else {})}
@@ -377,8 +407,8 @@ def _clear_output(config: RunConfig) -> None:
     without it, refuse output of an older vlmtile that has no run state to resume from."""
     if config.overwrite:
         remove_output(config.output)
-    elif os.path.exists(os.path.join(config.output, MANIFEST)) and not os.path.exists(
-        os.path.join(config.output, RUN_FILE)
+    elif storage.exists(storage.join(config.output, MANIFEST)) and not storage.exists(
+        storage.join(config.output, RUN_FILE)
     ):
         raise VlmtileError(
             f"output directory {config.output} holds output of an older vlmtile (no {RUN_FILE}) that cannot "
@@ -505,6 +535,8 @@ def preprocess(config: RunConfig) -> RunSummary:
     same command continues from there.
     """
     started = time.perf_counter()
+    if config.executor == "ray" and not ray_executor.ray_available():
+        raise VlmtileError(ray_executor.RAY_MISSING)  # before anything is read or written
     listing = list_samples(config.inputs, config.sources)  # before touching OUT: bad inputs change nothing
     if not listing.samples and not listing.streams and not listing.failures:
         raise VlmtileError(f"no images found in {', '.join(config.inputs)}")
@@ -527,7 +559,7 @@ def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> R
         _clear_output(config)
         settings = config.settings()
         check_settings(config.output, settings, __version__)
-        os.makedirs(os.path.join(config.output, SHARD_RECORDS), exist_ok=True)
+        storage.makedirs(storage.join(config.output, SHARD_RECORDS))
         by_source = {s.source: s for s in listing.samples}
         streams = {s.source: s for s in listing.streams}
         stamps = {s.source: sample_stamp(s) for s in listing.samples}
@@ -553,14 +585,16 @@ def _preprocess_locked(config: RunConfig, listing: Listing, started: float) -> R
             for t in plan.tasks
             if t.index % config.world_size == config.rank and t.index not in records
         ]
-        for task in todo:  # what a killed attempt left behind
-            remove_partial(config.output, task.index)
+        remove_partials(config.output, {task.index for task in todo})  # what killed attempts left
         if config.world_size == 1:
             remove_orphans(config.output, {t.index for t in plan.tasks})
         stopped = _run(todo, config, listing.layout)
         with plan_lock(config.output):
             plan = Plan.load(config.output)
-            summary = _write_results(config, plan, listing, started, changes, lock.took_over)
+            listing_errors = [f.to_dict() for f in listing.failures]
+            summary = write_results(
+                config, plan, listing.layout, listing_errors, started, changes, lock.took_over
+            )
     if stopped is not None:
         raise RunStopped(f"{stopped}; {summary.line()}", summary)
     return summary
@@ -594,7 +628,7 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
 
     try:
         with handle_signals(stop):
-            for outcome in run_tasks(
+            for outcome in _executor(config)(
                 process_shard,
                 tasks,
                 config.workers,
@@ -633,6 +667,41 @@ def _run(tasks: list[ShardTask], config: RunConfig, layout: str) -> str | None:
     return reason
 
 
+class _RunTasks(Protocol):
+    """What `_run` needs of an executor: `executors.run_tasks`'s signature and contract."""
+
+    def __call__(
+        self,
+        fn: Callable[[ShardTask, Progress], ShardReport],
+        tasks: Sequence[ShardTask],
+        workers: int | None,
+        on_progress: Progress | None = None,
+        *,
+        stop: SupportsIsSet | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        on_retry: Callable[[ShardTask, int | None], None] | None = None,
+    ) -> Iterator[Outcome[ShardTask, ShardReport]]: ...
+
+
+def _executor(config: RunConfig) -> _RunTasks:
+    """The engine that runs the tasks: the local pool, or Ray. Both yield the same outcomes."""
+    if config.executor == "ray":
+        return functools.partial(ray_executor.run_tasks, address=config.ray_address)
+    return _local
+
+
+def _local(
+    fn: Callable[[ShardTask, Progress], ShardReport],
+    tasks: Sequence[ShardTask],
+    workers: int | None,
+    on_progress: Progress | None = None,
+    **kwargs: Any,
+) -> Iterator[Outcome[ShardTask, ShardReport]]:
+    """The local pool, on every usable core unless told otherwise."""
+    return run_tasks(fn, tasks, workers or available_cpus(), on_progress, **kwargs)
+
+
 def _too_many_errors(config: RunConfig, failures: int, processed: int) -> str | None:
     """Why the run must stop under --max-errors, or None."""
     if config.max_errors is not None and failures > config.max_errors:
@@ -646,34 +715,38 @@ def _too_many_errors(config: RunConfig, failures: int, processed: int) -> str | 
     return None
 
 
-def _write_results(
+def write_results(
     config: RunConfig,
     plan: Plan,
-    listing: Listing,
+    layout: str,
+    listing_errors: list[dict[str, Any]],
     started: float,
     changes: Changes,
     took_over: dict[str, Any] | None,
 ) -> RunSummary:
-    """Finalize names, then the error record, the wids index and (last) the manifest, from the records."""
+    """Finalize names, then the error record, the wids index and (last) the manifest, from the records.
+
+    `listing_errors`: inputs that failed before any task (manifest lines that are not JSON), which no
+    completion record holds. Also what `merge-manifests` ends with, for the directory it merged into.
+    """
     suffix = SINKS[config.format].suffix
     shards, done = finalize(config.output, plan, config.prefix, suffix)
     errors, totals = current_errors(plan, load_records(config.output, plan), done)
-    listing_errors = [f.to_dict() for f in listing.failures]
     errors = sorted([*errors, *listing_errors], key=lambda e: e["source"])
     totals["inputs"] += len(listing_errors)
     totals["failures"] = len(errors)
     totals["bytes"] = sum(s["bytes"] for s in shards)
     pending = len(plan.tasks) - done
     changed_before = _previous_changed(config.output)
-    write_json_atomic(os.path.join(config.output, CHANGED), changes.changed, lines=True)
-    write_json_atomic(os.path.join(config.output, ERRORS), errors, lines=True)
+    write_json_atomic(storage.join(config.output, CHANGED), changes.changed, lines=True)
+    write_json_atomic(storage.join(config.output, ERRORS), errors, lines=True)
     settings = config.settings()
     manifest = {
         "vlmtile_version": __version__,
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **settings,
-        "layout": listing.layout,
+        "layout": layout,
         "config_hash": config_hash(settings),
         "metadata_fields": dict(config.strategy.metadata_fields),
         "inputs": list(config.inputs),
@@ -687,8 +760,8 @@ def _write_results(
         "changed_inputs": len(changes.changed),
     }
     if config.format == "webdataset":
-        write_json_atomic(os.path.join(config.output, WIDS_INDEX), wids_index(shards))
-    write_json_atomic(os.path.join(config.output, MANIFEST), manifest)
+        write_json_atomic(storage.join(config.output, WIDS_INDEX), wids_index(shards))
+    write_json_atomic(storage.join(config.output, MANIFEST), manifest)
     return RunSummary(
         output=config.output,
         inputs=totals["inputs"],
@@ -698,7 +771,7 @@ def _write_results(
         bytes=totals["bytes"],
         shards=len(shards),
         seconds=time.perf_counter() - started,
-        layout=listing.layout,
+        layout=layout,
         complete=manifest["complete"],
         changed=len(changes.changed),
         changed_before=changed_before,
@@ -708,8 +781,7 @@ def _write_results(
 
 def _previous_changed(output: str) -> int:
     try:
-        with open(os.path.join(output, MANIFEST), encoding="utf-8") as f:
-            return int(json.load(f).get("changed_inputs", 0))
+        return int(json.loads(storage.read_bytes(storage.join(output, MANIFEST))).get("changed_inputs", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
 

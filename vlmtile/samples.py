@@ -28,7 +28,15 @@ from typing import Any
 
 from .errors import VlmtileError
 from .sources import InputItem, display_path, list_inputs, make_key
-from .streams import TarProblem, expand_braces, is_image_member, is_url, iter_tar_samples, open_stream
+from .streams import (
+    TarProblem,
+    expand_braces,
+    is_image_member,
+    is_url,
+    iter_tar_samples,
+    local_path,
+    open_stream,
+)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -147,6 +155,8 @@ def list_samples(inputs: Iterable[str | os.PathLike[str]], options: SourceOption
     for raw in inputs:
         for path in expand_braces(os.fspath(raw)):
             kind = input_kind(path)
+            if kind not in ("tar", "parquet"):  # folders, images and manifests under file:// are paths
+                path = local_path(path)
             if is_url(path):
                 if kind not in ("tar", "parquet"):
                     raise VlmtileError(

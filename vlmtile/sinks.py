@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .packing import PackedSequence
 from .samples import members_as_json
 from .strategies import Strategy
@@ -576,10 +579,16 @@ class RotatingWriter(Generic[R]):
         self.files: list[tuple[ShardFile, dict[str, int]]] = []
         self.sink: ShardSink[R] | None = None
         self.counts: dict[str, int] = {}
+        self.staging: str | None = None
+        """Object-storage output: each file is written in this local directory, then uploaded whole."""
+        if storage.is_remote(output):
+            self.staging = tempfile.mkdtemp(prefix=f"vlmtile-stage-{index:06d}-")
 
     def write(self, record: R) -> None:
         if self.sink is None:
-            path = os.path.join(self.output, part_name(self.index, len(self.files), self.suffix))
+            path = os.path.join(
+                self.staging or self.output, part_name(self.index, len(self.files), self.suffix)
+            )
             self.sink = self.open_sink(path)
             self.counts = {"records": 0}
         self.sink.write(record)
@@ -592,15 +601,23 @@ class RotatingWriter(Generic[R]):
     def close(self) -> None:
         if self.sink is not None:
             sink, self.sink = self.sink, None
-            self.files.append((sink.commit(), self.counts))
+            shard_file = sink.commit()
+            if self.staging is not None:  # the object appears whole once the upload completes
+                local = os.path.join(self.staging, shard_file.name)
+                storage.upload(local, storage.join(self.output, shard_file.name))
+                os.unlink(local)
+            self.files.append((shard_file, self.counts))
 
     def abort(self) -> None:
         if self.sink is not None:
             self.sink.abort()
         for shard_file, _ in self.files:
-            path = os.path.join(self.output, shard_file.name)
-            if os.path.exists(path):
-                os.unlink(path)
+            storage.remove(storage.join(self.output, shard_file.name))
+
+    def cleanup(self) -> None:
+        """Remove the local staging directory (object-storage output), whatever happened."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 SINKS: dict[str, type[ShardSink[SampleRecord]]] = {"parquet": ParquetSink, "webdataset": TarSink}

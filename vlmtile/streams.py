@@ -184,6 +184,19 @@ def _open(url: str) -> AbstractContextManager[IO[bytes]]:
     return _open_local(url)
 
 
+def local_path(url: str) -> str:
+    """The path a `file://` URL names (a mounted file system is a local path), else `url` unchanged.
+
+    Raises `VlmtileError` for a `file://` URL with a remote host.
+    """
+    if not url.lower().startswith("file://"):
+        return url
+    try:
+        return _file_url_path(url)
+    except _OpenError as e:
+        raise VlmtileError(f"{url}: {e}") from None
+
+
 def _file_url_path(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):

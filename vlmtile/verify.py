@@ -8,9 +8,7 @@ only what the manifest recorded when the shard was committed.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .ledger import ERRORS, MANIFEST
 
 
@@ -61,10 +60,9 @@ class VerifyReport:
 def verify(path: str, *, checksums: bool = True) -> VerifyReport:
     """Check an output directory against its manifest; `checksums=False` skips reading whole shards."""
     report = VerifyReport(path)
-    manifest_path = os.path.join(path, MANIFEST)
+    manifest_path = storage.join(path, MANIFEST)
     try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest: dict[str, Any] = json.load(f)
+        manifest: dict[str, Any] = json.loads(storage.read_bytes(manifest_path))
     except FileNotFoundError:
         report.problems.append(f"no {MANIFEST}: not a vlmtile output directory, or no run has finished yet")
         return report
@@ -112,7 +110,7 @@ def verify(path: str, *, checksums: bool = True) -> VerifyReport:
         report.problems.append(f"{ERRORS} lists some inputs more than once")
     prefix = re.escape(str(manifest.get("prefix", "shard")))
     pattern = re.compile(rf"^{prefix}-\d{{6}}\.(parquet|tar)$")
-    for name in sorted(os.listdir(path)):
+    for name in sorted(storage.listdir(path)):
         if pattern.match(name) and name not in listed:
             report.problems.append(f"{name} looks like a shard but is not in the manifest")
         elif name.startswith((".part-", "..part-")) or ".tmp-" in name:
@@ -124,22 +122,18 @@ def _check_shard(
     path: str, shard: dict[str, Any], fmt: str | None, checksums: bool, report: VerifyReport
 ) -> None:
     name = shard["name"]
-    file = os.path.join(path, name)
-    if not os.path.exists(file):
+    file = storage.join(path, name)
+    try:
+        size = storage.getsize(file)
+    except FileNotFoundError:
         report.problems.append(f"{name}: missing")
         return
-    size = os.path.getsize(file)
     if size != shard["bytes"]:
         report.problems.append(f"{name}: {size} bytes, the manifest says {shard['bytes']}")
         return
-    if checksums:
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != shard["sha256"]:
-            report.problems.append(f"{name}: checksum differs from the manifest (the file was changed)")
-            return
+    if checksums and storage.sha256(file) != shard["sha256"]:
+        report.problems.append(f"{name}: checksum differs from the manifest (the file was changed)")
+        return
     try:
         count = _parquet_rows(file) if fmt == "parquet" else _tar_samples(file)
     except (OSError, pa.ArrowException, tarfile.TarError) as e:
@@ -150,13 +144,14 @@ def _check_shard(
 
 
 def _parquet_rows(file: str) -> int:
-    return int(pq.ParquetFile(file).metadata.num_rows)
+    with storage.open_read(file) as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
 
 
 def _tar_samples(file: str) -> int:
     """Distinct sample keys, reading member headers only (tarfile seeks past the data)."""
     keys = set()
-    with tarfile.open(file, "r:") as tar:
+    with storage.open_read(file) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             keys.add(member.name.split(".", 1)[0])
     return len(keys)
@@ -165,12 +160,13 @@ def _tar_samples(file: str) -> int:
 def _error_lines(path: str, report: VerifyReport) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     try:
-        with open(os.path.join(path, ERRORS), encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    errors.append(json.loads(line))
-                except ValueError:
-                    report.problems.append(f"{ERRORS} line {number} is not valid JSON")
+        text = storage.read_bytes(storage.join(path, ERRORS)).decode("utf-8")
     except FileNotFoundError:
         report.problems.append(f"{ERRORS} is missing")
+        return errors
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            errors.append(json.loads(line))
+        except ValueError:
+            report.problems.append(f"{ERRORS} line {number} is not valid JSON")
     return errors
