@@ -182,6 +182,18 @@ def generate(directory: str) -> list[str]:
     return sorted(paths)
 
 
+def large_jpegs(paths: list[str], directory: str) -> str:
+    """A folder of links to the set's JPEGs of 12 MP and more, for fast mode where it is meant to pay."""
+    os.makedirs(directory, exist_ok=True)
+    for path in paths:
+        with Image.open(path) as image:
+            if image.format == "JPEG" and image.width * image.height >= 12_000_000:
+                target = os.path.join(directory, os.path.basename(path))
+                if not os.path.exists(target):
+                    os.link(path, target)
+    return directory
+
+
 def photos_4000x3000(directory: str, count: int) -> str:
     """A folder of `count` 12 MP JPEGs (hard links to 4 distinct ones) for the memory case."""
     os.makedirs(directory, exist_ok=True)
@@ -561,7 +573,7 @@ def main() -> None:
 
     extras: dict[str, Any] = {}
     if not args.no_extras:
-        extras = run_extras(scratch, data_dir, paths, folder, args.repeats)
+        extras = run_extras(scratch, data_dir, paths, folder, args.repeats, names)
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -589,10 +601,24 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_extras(scratch: str, data_dir: str, paths: list[str], folder: str, repeats: int) -> dict[str, Any]:
-    """The per-stage profile (internvl, qwen2.5-vl), internvl's bytes per image per dtype, and its peak
-    memory for 16 and 64 images (internvl, and qwen2-vl whose default budget writes the most per image)."""
-    extras: dict[str, Any] = {"profile": {}}
+def run_extras(
+    scratch: str, data_dir: str, paths: list[str], folder: str, repeats: int, names: list[str]
+) -> dict[str, Any]:
+    """The per-stage profile (internvl, qwen2.5-vl), internvl's bytes per image per dtype, the peak
+    memory for 16 and 64 images (internvl, and qwen2-vl whose default budget writes the most per image),
+    and strict against fast on the large JPEGs alone, 1 worker, every strategy."""
+    extras: dict[str, Any] = {"profile": {}, "large_jpegs": {}}
+    large = large_jpegs(paths, os.path.join(data_dir, "large-jpegs"))
+    for name in names:
+        base = {"strategy": name, "paths": paths, "inputs": [large], "scratch": scratch, "workers": 1}
+        rates: dict[str, list[float]] = {"vlmtile": [], "fast": []}
+        for _ in range(repeats):
+            for case in rates:
+                done = run_child({**base, "case": case})
+                rates[case].append(done["images"] / done["seconds"])
+        strict, fast = statistics.median(rates["vlmtile"]), statistics.median(rates["fast"])
+        extras["large_jpegs"][name] = {"strict": strict, "fast": fast, "images": len(os.listdir(large))}
+        print(f"  large JPEGs {name:16s} strict {strict:6.2f} img/s, fast {fast:6.2f} ({fast / strict:.2f}x)")
     for name in PROFILED:
         base = {"strategy": name, "paths": paths, "inputs": [folder], "scratch": scratch}
         profiles = [run_child({**base, "case": "profile", "workers": 1}) for _ in range(repeats)]
@@ -665,6 +691,19 @@ def markdown(result: dict[str, Any]) -> str:
         )
         for stage, seconds in stages:
             lines.append(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} |")
+    if extras.get("large_jpegs"):
+        some = next(iter(extras["large_jpegs"].values()))
+        lines += [
+            "",
+            f"Strict against `--fast` on the {some['images']} JPEGs of 12 MP and more, 1 worker (images/s):",
+            "",
+            "| strategy | strict | fast | fast / strict |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, r in extras["large_jpegs"].items():
+            lines.append(
+                f"| `{name}` | {r['strict']:.2f} | {r['fast']:.2f} | {r['fast'] / r['strict']:.2f}x |"
+            )
     if extras:
         lines += [
             "",
