@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -288,3 +290,17 @@ def test_failure_in_commit_leaves_no_file(
     ]
     assert leftover_temp_files(out) == []
     assert {e["stage"] for e in read_errors(out)} == {"write"}
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "0"), ("250", "250")])
+def test_pyarrow_allocator_gives_back_freed_pages_unless_user_chose(
+    preset: str | None, expected: str
+) -> None:
+    """vlmtile sets MIMALLOC_PURGE_DELAY=0 before pyarrow loads (a Qwen worker otherwise kept ~290 MB of
+    freed Parquet pages); a value already in the environment is the user's and stays."""
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"}
+    if preset is not None:
+        env["MIMALLOC_PURGE_DELAY"] = preset
+    code = "import os, sys, vlmtile; print(os.environ['MIMALLOC_PURGE_DELAY'], 'pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "True"]

@@ -256,7 +256,7 @@ def _bring(source: _Source, index: int, output: str) -> None:
             what = "missing" if found is None else f"{os.path.getsize(found)} bytes, not {entry['bytes']}"
             raise VlmtileError(
                 f"{source.path}: task {index}'s file {entry.get('name') or entry['part']} is {what}; "
-                "run that rank again (or with --overwrite), then merge"
+                "run that rank's `vlmtile preprocess` again (with --overwrite to rebuild it), then merge"
             )
         _link_or_copy(found, os.path.join(output, entry["part"]))
         entry.pop("name", None)  # named by this directory's own finalize
