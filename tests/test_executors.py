@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -378,7 +378,19 @@ def test_inline_stop_is_checked_between_tasks() -> None:
     ]
 
 
-def test_second_signal_interrupts_an_inline_task() -> None:
+@pytest.fixture
+def sigint_handled() -> Iterator[None]:
+    """Python's own SIGINT handler for the test. A shell starts background jobs (`pytest &`, nohup, some
+    CI runners) with SIGINT ignored, and `handle_signals` rightly leaves an ignored signal ignored: the
+    tests that send themselves SIGINT would then test nothing but that."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_second_signal_interrupts_an_inline_task(sigint_handled: None) -> None:
     stop = StopFlag()
     start = time.monotonic()
     with handle_signals(stop):
@@ -395,7 +407,7 @@ def test_second_signal_interrupts_an_inline_task() -> None:
 # -- signal handlers -----------------------------------------------------------------------------------
 
 
-def test_handle_signals_sets_the_flag_and_restores_handlers() -> None:
+def test_handle_signals_sets_the_flag_and_restores_handlers(sigint_handled: None) -> None:
     seen: list[int] = []
 
     def previous(signum: int, frame: object) -> None:

@@ -460,6 +460,25 @@ def _judge(attempt: _Attempt, timeout: float | None, stopping: bool) -> tuple[An
     return None, WorkerDied(_describe_exit(code))
 
 
+def never_restarted(
+    tasks: Sequence[T],
+    pending: deque[int],
+    last: dict[int, tuple[int | None, BaseException]],
+    attempts: Sequence[int],
+) -> Iterator[Outcome[T, Any]]:
+    """After a stop, an Interrupted outcome for every task still waiting: those that never started, and
+    those waiting to be retried (named with their last attempt's error, so the record keeps the cause).
+    Shared by both executors, so a stopped run reports its tasks the same way under either."""
+    while pending:
+        index = pending.popleft()
+        if index in last:
+            pid, previous = last[index]
+            message = f"not restarted: the run was interrupted (last attempt: {previous})"
+            yield Outcome(tasks[index], None, Interrupted(message), pid, attempts[index])
+        else:
+            yield Outcome(tasks[index], None, Interrupted(INTERRUPTED_NOT_STARTED), None, 0)
+
+
 def _run_parallel(
     fn: Callable[[T, Progress], R],
     tasks: Sequence[T],
@@ -534,13 +553,6 @@ def _run_parallel(
             for attempt in stopped:
                 result, error = _judge(attempt, timeout, True)
                 yield Outcome(tasks[attempt.index], result, error, attempt.pid, attempts[attempt.index])
-            while pending:
-                index = pending.popleft()
-                if index in last:
-                    pid, previous = last[index]
-                    message = f"not restarted: the run was interrupted (last attempt: {previous})"
-                    yield Outcome(tasks[index], None, Interrupted(message), pid, attempts[index])
-                else:
-                    yield Outcome(tasks[index], None, Interrupted(INTERRUPTED_NOT_STARTED), None, 0)
+            yield from never_restarted(tasks, pending, last, attempts)
     finally:  # the consumer stopped iterating, or a callback raised: leave no worker behind
         _end(list(running.values()), "stop", stop, _no_progress)

@@ -52,6 +52,7 @@ from .executors import (
     TaskFailed,
     TaskTimedOut,
     WorkerDied,
+    never_restarted,
 )
 
 T = TypeVar("T")
@@ -426,14 +427,7 @@ def _drive(
                 if error is not None and not isinstance(error, Interrupted):
                     error = Interrupted(f"{INTERRUPTED_RUNNING}: {error}")
                 yield Outcome(tasks[run.index], result, error, pid_of(run), attempts[run.index])
-            while pending:
-                index = pending.popleft()
-                if index in last:
-                    pid, previous = last[index]
-                    message = f"not restarted: the run was interrupted (last attempt: {previous})"
-                    yield Outcome(tasks[index], None, Interrupted(message), pid, attempts[index])
-                else:
-                    yield Outcome(tasks[index], None, Interrupted(INTERRUPTED_NOT_STARTED), None, 0)
+            yield from never_restarted(tasks, pending, last, attempts)
     finally:  # the consumer stopped iterating, or a callback raised: leave no task running
         for ref in running:
             with contextlib.suppress(Exception):
