@@ -266,6 +266,30 @@ def test_output_dir_label_names_non_default_params(tmp_path: Path) -> None:
     assert stored["strategies"][0]["label"] == headers["strategies"][0]["label"] == "internvl[max_tiles=6]"
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+@pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])
+def test_output_dir_of_samples_counts_every_image(fmt: str, name: str, tmp_path: Path) -> None:
+    """A sample-layout output (a manifest with a two-image line) reports the same images and tokens as the
+    headers of its inputs; in tars the sample's own KEY.json (the manifest line) is not metadata."""
+    manifest = tmp_path / "m.jsonl"
+    two = [str(SAMPLE_DIR / "coffee_600x400.jpg"), str(SAMPLE_DIR / "tiny_16x12.png")]
+    lines = [{"images": two, "text": "a"}, {"image": str(SAMPLE_DIR / "astronaut_448x448.jpg")}]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    config = vlmtile.RunConfig(
+        (str(manifest),), str(out), get_strategy(name), format=fmt, workers=1, progress=False
+    )
+    vlmtile.preprocess(config)
+    assert json.loads((out / "_manifest.json").read_text())["layout"] == "sample"
+    stored = run_json(str(out), "--pack-len", "16384" if name == "qwen2-vl" else "4096")
+    headers = run_json(str(manifest), "-s", name)
+    (s,), (h,) = stored["strategies"], headers["strategies"]
+    assert s["images"] == h["images"] == 3
+    assert s["total_tokens"] == h["total_tokens"]
+    expected = sum(get_strategy(name).plan(*load_image(p).size).num_tokens for p in [*two, lines[1]["image"]])
+    assert s["total_tokens"] == expected
+
+
 def _corrupt_parquet_pixels(path: Path) -> None:
     """Overwrite every `pixel_values` column chunk of a Parquet file with junk; other columns stay valid."""
     metadata = pq.ParquetFile(path).metadata

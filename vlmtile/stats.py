@@ -17,7 +17,7 @@ import tarfile
 import warnings
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -503,19 +503,35 @@ def is_output_dir(path: str) -> bool:
 
 
 def _shard_metadata(path: str, manifest: dict[str, Any], shard: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    """Metadata of every record of one shard of a finished output directory, never reading pixel arrays."""
+    """Metadata of every image of one shard of a finished output directory, in stored order, never
+    reading pixel arrays. Sample-layout records hold a list of images: each is yielded with the sample's
+    key (its own `source` names the image within the sample)."""
     shard_path = os.path.join(path, shard["name"])
+    sample_layout = manifest.get("layout") == "sample"
     if manifest["format"] == "parquet":
         parquet = pq.ParquetFile(shard_path)
-        names = [n for n in parquet.schema_arrow.names if n != "pixel_values"]
-        yield from parquet.read(columns=names).to_pylist()
+        names = [n for n in parquet.schema_arrow.names if n not in ("pixel_values", "sample")]
+        records: Iterable[dict[str, Any]] = parquet.read(columns=names).to_pylist()
     else:
-        with tarfile.open(shard_path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    data = tar.extractfile(member)
-                    if data is not None:
-                        yield json.loads(data.read())
+        # Image layout: KEY.json is vlmtile's. Sample layout: KEY.vlmtile.json is, and KEY.json is the
+        # sample's own content (a manifest line), which must not be mistaken for it.
+        suffix = ".vlmtile.json" if sample_layout else ".json"
+        records = _tar_json(shard_path, suffix)
+    for record in records:
+        if sample_layout:
+            for image in record["images"]:
+                yield {"key": record["key"], **image}
+        else:
+            yield record
+
+
+def _tar_json(shard_path: str, suffix: str) -> Iterator[dict[str, Any]]:
+    with tarfile.open(shard_path) as tar:
+        for member in tar:
+            if member.name.endswith(suffix):
+                data = tar.extractfile(member)
+                if data is not None:
+                    yield json.loads(data.read())
 
 
 def stats_from_output(
