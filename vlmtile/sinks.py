@@ -516,7 +516,7 @@ class PackedParquetSink(ParquetShard[PackedSequence]):
 
     def _row(self, record: PackedSequence) -> dict[str, Any]:
         row = record.metadata(self.dtype)
-        row["pixel_values"] = _raw(record.pixel_values)
+        row["pixel_values"] = record.pixel_values  # wrapped by `_table`, not copied
         row["segment_ids"] = record.segment_ids
         row["cu_seqlens"] = record.cu_seqlens
         row["positions"] = record.positions
