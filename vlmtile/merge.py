@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, storage
+from .dataset import strategy_from_manifest
 from .errors import VlmtileError
 from .ledger import (
     CHANGED,
@@ -43,16 +44,14 @@ from .ledger import (
     check_settings,
     differences,
     load_records,
-    part_index,
     plan_lock,
     record_path,
+    remove_orphans,
     run_lock,
     write_json_atomic,
 )
 from .runner import RunConfig, RunSummary, write_results
 from .samples import SourceOptions
-from .strategies import get_preset, get_strategy
-from .strategies.base import tunable_fields
 from .work import Budget
 
 
@@ -125,10 +124,7 @@ def merge_manifests(dirs: Sequence[str], output: str | None = None) -> MergeResu
             plan = _merged_plan([(output, own), *((s.path, s.plan) for s in sources)])
             plan.save(output)
             done = load_records(output, plan)
-            for name in os.listdir(output):  # left by a merge or run stopped halfway: brought again
-                index = part_index(name)
-                if index is not None and index not in done:
-                    os.unlink(os.path.join(output, name))
+            remove_orphans(output, set(done))  # parts of unfinished tasks (a merge or run stopped halfway)
             copied = 0
             for task in plan.tasks:
                 if task.index in done:
@@ -278,15 +274,11 @@ def _link_or_copy(source: str, target: str) -> None:
 
 def _config(settings: dict[str, Any], manifest: dict[str, Any], output: str) -> RunConfig:
     """The RunConfig that wrote these settings, for the merged manifest (which names every setting)."""
-    strategy_settings = settings["strategy"]
-    name = strategy_settings["name"]
-    tunable = {f.name for f in tunable_fields(get_preset(name).cls)}
-    params = {k: v for k, v in strategy_settings["params"].items() if k in tunable}
     budget = settings["budget"]
     config = RunConfig(
         inputs=tuple(manifest.get("inputs", ())),
         output=output,
-        strategy=get_strategy(name, **params),
+        strategy=strategy_from_manifest(settings),
         format=settings["format"],
         dtype=settings["dtype"],
         shard_size=settings["shard_size"],

@@ -49,6 +49,7 @@ from .ledger import (
     remove_orphans,
     remove_output,
     remove_partial,
+    remove_partials,
     run_lock,
     write_json_atomic,
 )
@@ -368,8 +369,7 @@ def _pack_locked(config: PackConfig, source: Source, started: float) -> PackSumm
             for t in plan.tasks
             if t.index not in records
         ]
-        for task in todo:
-            remove_partial(config.output, task.index)
+        remove_partials(config.output, {task.index for task in todo})  # what killed attempts left
         remove_orphans(config.output, {t.index for t in plan.tasks})
         stopped = _run(todo, config)
         with plan_lock(config.output):
