@@ -99,6 +99,22 @@ def test_merge_into_a_rank_directory_then_incrementally(tmp_path: Path, make_ima
     assert read_manifest(ranks[0])["totals"]["records"] == 8
 
 
+def test_fast_ranks_merge_like_a_fast_single_run(tmp_path: Path, make_image: MakeImage) -> None:
+    """Every setting of the directories carries over into the merged manifest, `--fast` included."""
+    folder = tmp_path / "in"
+    make_folder(folder, make_image, 5)
+    ranks = [tmp_path / f"rank{r}" for r in range(2)]
+    for r, out in enumerate(ranks):
+        preprocess([folder], out, "--fast", "--rank", str(r), "--world-size", "2")
+    merged = tmp_path / "merged"
+    result = merge(*ranks, "-o", merged)
+    assert result.exit_code == 0, result.output
+    single = tmp_path / "single"
+    preprocess([folder], single, "--fast")
+    assert read_manifest(merged)["fast"] is True
+    assert_same_as_single(merged, single)
+
+
 def test_shared_directory_is_checked_and_finalized(tmp_path: Path, make_image: MakeImage) -> None:
     folder = tmp_path / "in"
     make_folder(folder, make_image, 5)

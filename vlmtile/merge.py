@@ -285,6 +285,7 @@ def _config(settings: dict[str, Any], manifest: dict[str, Any], output: str) -> 
         shard_bytes=settings["shard_bytes"],
         prefix=settings["prefix"],
         pixels=settings["pixels"],
+        fast=settings.get("fast", False),
         budget=Budget(max_tiles=budget["max_tiles_per_sample"], max_tokens=budget["max_tokens_per_sample"]),
         sources=SourceOptions(**settings["sources"]),
         progress=False,
