@@ -59,7 +59,7 @@ def write_json_atomic(path: str, data: Any, *, lines: bool = False) -> None:
     storage.write_atomic(path, text.encode("utf-8"))
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     """The parsed file; `FileNotFoundError` when it is not there."""
     return json.loads(storage.read_bytes(path).decode("utf-8"))
 
@@ -115,7 +115,7 @@ def check_settings(output: str, settings: dict[str, Any], version: str) -> bool:
     if not storage.exists(path):
         write_json_atomic(path, {"settings": settings, "config_hash": digest, "vlmtile_version": version})
         return False
-    stored = _read_json(path)
+    stored = read_json(path)
     if stored.get("config_hash") == digest:
         return True
     differ = differences(stored.get("settings", {}), settings)
@@ -228,7 +228,7 @@ def _lease(output: str) -> Iterator[RunLock]:
     """
     path = storage.join(output, "_lock")
     try:
-        holder = _read_json(path)
+        holder = read_json(path)
     except (FileNotFoundError, ValueError):
         holder = None
     now = time.time()
@@ -241,7 +241,7 @@ def _lease(output: str) -> Iterator[RunLock]:
     write_json_atomic(path, mine)
     time.sleep(LEASE_SETTLE)
     try:
-        seen = _read_json(path)
+        seen = read_json(path)
     except (FileNotFoundError, ValueError):
         seen = None
     if not isinstance(seen, dict) or seen.get("token") != mine["token"]:
@@ -422,7 +422,7 @@ def record_path(output: str, index: int) -> str:
 def load_record(output: str, index: int) -> dict[str, Any] | None:
     path = record_path(output, index)
     try:
-        data: dict[str, Any] = _read_json(path)
+        data: dict[str, Any] = read_json(path)
         return data
     except FileNotFoundError:
         return None

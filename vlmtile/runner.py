@@ -55,6 +55,7 @@ from .ledger import (
     load_records,
     plan_lock,
     prepare_output,
+    read_json,
     record_path,
     remove_orphans,
     remove_output,
@@ -781,7 +782,7 @@ def write_results(
 
 def _previous_changed(output: str) -> int:
     try:
-        return int(json.loads(storage.read_bytes(storage.join(output, MANIFEST))).get("changed_inputs", 0))
+        return int(read_json(storage.join(output, MANIFEST)).get("changed_inputs", 0))
     except (OSError, ValueError, TypeError, AttributeError):
         return 0
 

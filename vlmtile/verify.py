@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .ledger import ERRORS, MANIFEST
+from .ledger import ERRORS, MANIFEST, read_json
 
 
 @dataclass
@@ -62,7 +62,7 @@ def verify(path: str, *, checksums: bool = True) -> VerifyReport:
     report = VerifyReport(path)
     manifest_path = storage.join(path, MANIFEST)
     try:
-        manifest: dict[str, Any] = json.loads(storage.read_bytes(manifest_path))
+        manifest: dict[str, Any] = read_json(manifest_path)
     except FileNotFoundError:
         report.problems.append(f"no {MANIFEST}: not a vlmtile output directory, or no run has finished yet")
         return report
