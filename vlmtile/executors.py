@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
@@ -462,15 +462,14 @@ def _judge(attempt: _Attempt, timeout: float | None, stopping: bool) -> tuple[An
 
 def never_restarted(
     tasks: Sequence[T],
-    pending: deque[int],
+    indices: Iterable[int],
     last: dict[int, tuple[int | None, BaseException]],
     attempts: Sequence[int],
 ) -> Iterator[Outcome[T, Any]]:
-    """After a stop, an Interrupted outcome for every task still waiting: those that never started, and
-    those waiting to be retried (named with their last attempt's error, so the record keeps the cause).
-    Shared by both executors, so a stopped run reports its tasks the same way under either."""
-    while pending:
-        index = pending.popleft()
+    """After a stop, an Interrupted outcome for each of these tasks, which were waiting: those that never
+    started, and those waiting to be retried (named with their last attempt's error, so the record keeps
+    the cause). Shared by both executors, so a stopped run reports its tasks the same way under either."""
+    for index in indices:
         if index in last:
             pid, previous = last[index]
             message = f"not restarted: the run was interrupted (last attempt: {previous})"

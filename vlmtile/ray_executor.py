@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 
 from .errors import VlmtileError
 from .executors import (
-    INTERRUPTED_NOT_STARTED,
     INTERRUPTED_RUNNING,
     Interrupted,
     Outcome,
@@ -417,12 +416,7 @@ def _drive(
                 result, error = judge(ref, run)
                 if error is not None and run.key not in workers_of:  # queued in Ray, never started
                     attempts[run.index] -= 1
-                    if run.index in last:
-                        pid, previous = last[run.index]
-                        message = f"not restarted: the run was interrupted (last attempt: {previous})"
-                        yield Outcome(tasks[run.index], None, Interrupted(message), pid, attempts[run.index])
-                    else:
-                        yield Outcome(tasks[run.index], None, Interrupted(INTERRUPTED_NOT_STARTED), None, 0)
+                    yield from never_restarted(tasks, [run.index], last, attempts)
                     continue
                 if error is not None and not isinstance(error, Interrupted):
                     error = Interrupted(f"{INTERRUPTED_RUNNING}: {error}")
