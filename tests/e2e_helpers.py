@@ -130,6 +130,25 @@ def read_errors(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+RUN_TIMING = frozenset({"created_at"})
+"""Manifest fields that may differ between two runs of the same job."""
+
+
+def assert_same_run_output(expected: Path, actual: Path, ignore: frozenset[str] = frozenset()) -> None:
+    """What two runs of the same job must agree on, whatever ran them (pool, Ray, ranks and a merge,
+    object storage): shard names and bytes, the manifest but for its timestamp (and `ignore`), the error
+    record."""
+    names = sorted(p.name for p in expected.glob("shard-*"))
+    assert names and sorted(p.name for p in actual.glob("shard-*")) == names
+    for name in names:
+        assert (expected / name).read_bytes() == (actual / name).read_bytes(), name
+    drop = RUN_TIMING | ignore
+    assert {k: v for k, v in read_manifest(expected).items() if k not in drop} == {
+        k: v for k, v in read_manifest(actual).items() if k not in drop
+    }
+    assert read_errors(expected) == read_errors(actual)
+
+
 def sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

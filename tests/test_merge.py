@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import MakeImage, read_errors, read_manifest
+from e2e_helpers import MakeImage, assert_same_run_output, read_errors, read_manifest
 from test_resume import make_folder
 
 from vlmtile.cli import cli
@@ -32,15 +32,7 @@ def merge(*args: Any) -> Any:
 
 
 def assert_same_as_single(merged: Path, single: Path) -> None:
-    names = sorted(p.name for p in single.glob("shard-*"))
-    assert names and sorted(p.name for p in merged.glob("shard-*")) == names
-    for name in names:
-        assert (merged / name).read_bytes() == (single / name).read_bytes(), name
-    drop = {"created_at"}
-    assert {k: v for k, v in read_manifest(merged).items() if k not in drop} == {
-        k: v for k, v in read_manifest(single).items() if k not in drop
-    }
-    assert read_errors(merged) == read_errors(single)
+    assert_same_run_output(single, merged)
     report = verify(str(merged))
     assert report.ok, report.problems
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import ray
 from click.testing import CliRunner
-from e2e_helpers import MakeImage, read_errors, read_manifest, save_image
+from e2e_helpers import MakeImage, assert_same_run_output, read_errors, read_manifest, save_image
 from PIL import Image
 from test_executors import dies_once, double, hangs_once, is_running, raises, slow, wait_for_files
 from test_resume import assert_exactly_once, make_folder
@@ -41,8 +41,6 @@ from vlmtile.verify import verify
 
 TESTS = Path(__file__).resolve().parent
 STRATEGY = vlmtile.get_strategy("internvl", max_tiles=2)
-TIMING = {"created_at"}
-"""Manifest fields that may differ between two runs of the same job."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,19 +84,10 @@ def records(out: Path) -> list[dict[str, Any]]:
     return [{k: plain(v) for k, v in record.items()} for record in vlmtile.open_dataset(out, as_stored=True)]
 
 
-def comparable_manifest(out: Path, ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
-    return {k: v for k, v in read_manifest(out).items() if k not in TIMING | ignore}
-
-
 def assert_same_output(local: Path, distributed: Path, ignore: frozenset[str] = frozenset()) -> None:
-    """Same shard names and bytes, same records, same manifest but for its timestamp, same error record."""
-    names = sorted(p.name for p in local.glob("shard-*"))
-    assert names and sorted(p.name for p in distributed.glob("shard-*")) == names
-    for name in names:
-        assert (local / name).read_bytes() == (distributed / name).read_bytes(), name
+    """`assert_same_run_output`, and the same records read back."""
+    assert_same_run_output(local, distributed, ignore)
     assert records(local) == records(distributed)
-    assert comparable_manifest(local, ignore) == comparable_manifest(distributed, ignore)
-    assert read_errors(local) == read_errors(distributed)
 
 
 # -- the same output as the local pool ------------------------------------------------------------------

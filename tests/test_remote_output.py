@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import MakeImage, read_errors, read_manifest
+from e2e_helpers import MakeImage, assert_same_run_output, read_manifest
 from test_resume import assert_exactly_once, make_folder
 
 import vlmtile
@@ -69,18 +69,6 @@ def listing(url: str) -> list[str]:
     return sorted(p[len(path) :].lstrip("/") for p in fs.find(path))
 
 
-def assert_same_output(local: Path, remote: Path) -> None:
-    names = sorted(p.name for p in local.glob("shard-*"))
-    assert names and sorted(p.name for p in remote.glob("shard-*")) == names
-    for name in names:
-        assert (local / name).read_bytes() == (remote / name).read_bytes(), name
-    drop = {"created_at"}
-    assert {k: v for k, v in read_manifest(local).items() if k not in drop} == {
-        k: v for k, v in read_manifest(remote).items() if k not in drop
-    }
-    assert read_errors(local) == read_errors(remote)
-
-
 def test_memory_bucket_holds_what_a_local_run_writes_and_resumes(
     tmp_path: Path, make_image: MakeImage, bucket: str
 ) -> None:
@@ -100,7 +88,7 @@ def test_memory_bucket_holds_what_a_local_run_writes_and_resumes(
     assert (second.records, second.shards) == (7, 4)
     run(folder, local, workers=1)
     copy = download(bucket, tmp_path / "copy")
-    assert_same_output(local, copy)
+    assert_same_run_output(local, copy)
     assert read_manifest(copy)["runs"] == 2
     assert_exactly_once(copy, [*inputs, *more, folder / "bad.png"])
 
@@ -114,7 +102,7 @@ def test_local_protocol_with_worker_processes(tmp_path: Path, make_image: MakeIm
     assert verify(url).ok
     local = tmp_path / "local"
     run(folder, local, workers=2)
-    assert_same_output(local, tmp_path / "bucket")
+    assert_same_run_output(local, tmp_path / "bucket")
     cli_verify = CliRunner().invoke(cli, ["verify", url, "--quick"])
     assert cli_verify.exit_code == 0 and "OK: 3 shards, 5 records" in cli_verify.output
 
