@@ -33,10 +33,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
+from bench_stats import wait_for_quiet
 from PIL import Image, ImageFilter
 
 CHILD = r"""
@@ -79,13 +79,6 @@ def make_photo(width: int, height: int, seed: int) -> Image.Image:
     img += rng.normal(0, 8, size=img.shape).astype(np.float32)
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     return image.filter(ImageFilter.GaussianBlur(0.6))
-
-
-def wait_for_quiet(load: float, timeout: float) -> float:
-    deadline = time.monotonic() + timeout
-    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0]
 
 
 def run_case(case: str, folder: str, workers: int, scratch: str) -> dict[str, Any]:
@@ -136,7 +129,7 @@ def main() -> None:
         results: dict[str, list[dict[str, Any]]] = {f"{c}-{w}": [] for c, w in cases}
         loads = []
         for repeat in range(args.repeats):
-            loads.append(wait_for_quiet(args.wait_load, args.wait_timeout))
+            loads.append(wait_for_quiet(args.wait_load, args.wait_timeout)["load"])
             for case, workers in cases:
                 result = run_case(case, folder, workers, scratch)
                 assert result["records"] == args.images, result
