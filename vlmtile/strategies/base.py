@@ -432,7 +432,12 @@ def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
 
     In slices of GATHER_CHUNK values: np.take converts its indices to intp (8 bytes each) before it
     gathers, and a slice's worth stays in cache; one call over a 12 MP image is 2.5x slower.
+    `mode="clip"` because np.take buffers `out` in its default mode (every value copied once more): a
+    uint8 index never reaches past a 256-entry table, so clipping changes nothing, and the gather of a
+    13-tile InternVL image takes 12.5 ms instead of 19.3 (medians of 40).
     """
+    if src.dtype != np.uint8 or table.shape[-1] != 256:
+        raise TypeError(f"gather needs uint8 indices into a 256-entry table, got {src.dtype}")
     n, channels, per = src.shape
     rows = max(1, GATHER_CHUNK // per)
     cols = min(per, GATHER_CHUNK)
@@ -443,6 +448,7 @@ def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
                     table[c],
                     src[start : start + rows, c, col : col + cols],
                     out=dst[start : start + rows, c, col : col + cols],
+                    mode="clip",
                 )
 
 
