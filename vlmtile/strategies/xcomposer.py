@@ -34,7 +34,7 @@ import dataclasses
 import math
 import types
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -48,6 +48,7 @@ from .base import (
     Preset,
     Strategy,
     check_size,
+    gather,
     grid_boxes,
     param,
 )
@@ -235,6 +236,27 @@ class XComposerHD(Strategy):
         else:
             resized = np.asarray(image.resize((right - left, bottom - top), Image.Resampling.BILINEAR))
             out[:, top:bottom, left:right] = resized.transpose(2, 0, 1)
+        return out
+
+    def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
+        """Untransposed: each of Pillow's channel planes (`split`) gathered straight into its place on
+        the canvas, the padding set to the pad value's normalized value, no uint8 canvas in between.
+        The content is whole canvas rows, so every gather writes contiguously. Measured, whole benchmark
+        set, 1 worker, 3 paired runs: xcomposer2.5 1.07x, xcomposer2-4khd 1.02x. A transposed plan's
+        planes would need transposing copies first: fused that way measured 0.91x on xcomposer2-4khd."""
+        if plan.transposed:
+            return self.normalize(self.render(image, plan), dtype)
+        left, top, right, bottom = plan.image_box
+        table = self.table(dtype)
+        out = np.empty(plan.shape, dtype=table.dtype)
+        pad = table[:, PAD_VALUE, None, None]
+        out[:, :top] = pad
+        out[:, bottom:] = pad
+        out[:, top:bottom, :left] = pad
+        out[:, top:bottom, right:] = pad
+        resized = image.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
+        for c, band in enumerate(resized.split()):
+            gather(table[c : c + 1], np.asarray(band)[:, None], out[c, top:bottom, left:right][:, None])
         return out
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
