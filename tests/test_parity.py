@@ -37,6 +37,7 @@ from vlmtile.strategies.base import (
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    gather,
     normalization_table,
     to_rgb,
 )
@@ -445,6 +446,18 @@ def test_normalization_table(mean, std, hf_mean, hf_std):
     x = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255)
     tv = np.stack([(x - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=True)])
     assert_identical(table, tv, "table vs torchvision")
+
+
+def test_gather_is_the_table_lookup_and_refuses_wider_indices():
+    """gather runs np.take in clip mode, which would clamp an index past the table without a word: it
+    takes uint8 indices only, and gives exactly table[c, v] for every value, in every chunk."""
+    table = normalization_table(IMAGENET_MEAN, IMAGENET_STD)
+    src = np.random.default_rng(0).integers(0, 256, (3, 3, 100_000), dtype=np.uint8)  # chunks of 131072
+    dst = np.empty(src.shape, np.float32)
+    gather(table, src, dst)
+    assert_identical(dst, table[np.arange(3)[None, :, None], src], "gather vs fancy indexing")
+    with pytest.raises(TypeError, match="uint8"):
+        gather(table, src.astype(np.int16), dst)
 
 
 @pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])
