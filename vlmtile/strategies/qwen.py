@@ -135,7 +135,8 @@ class QwenVL(Strategy):
         """The resized image as (patches, 3, p*p) uint8, patches in merge-window order.
 
         Cut channel by channel from Pillow's planes (`split`): each copy then moves runs of p bytes,
-        where cutting the interleaved RGB array moves single bytes 3 apart (measured: half the time)."""
+        where cutting the interleaved RGB array moves single bytes 3 apart (uint8 `render` of a 12 MP
+        image without its resize: 222 -> 197 ms, medians of 11)."""
         p, m = self.patch_size, self.merge_size
         _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
         resized = image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
