@@ -194,11 +194,20 @@ class DeepSeekVL2(Strategy):
         """`ImageOps.pad(image, (canvas_width, canvas_height), color=pad_color)` as (H, W, 3) uint8, the
         image resized (BICUBIC, from the original) into `box` (None: the whole canvas)."""
         canvas = np.empty((canvas_height, canvas_width, 3), dtype=np.uint8)
-        canvas[...] = np.asarray(self.pad_color, dtype=np.uint8)
+        # One row of the pad colour, copied into the bands around the box only: broadcasting the
+        # 3-byte colour over the whole canvas cost more than the rest of the layout together.
+        row = np.empty((canvas_width, 3), dtype=np.uint8)
+        row[...] = np.asarray(self.pad_color, dtype=np.uint8)
         left, top, right, bottom = (0, 0, canvas_width, canvas_height) if box is None else box
-        if right > left and bottom > top:
-            resized = image.resize((right - left, bottom - top), Image.Resampling.BICUBIC)
-            canvas[top:bottom, left:right] = np.asarray(resized)
+        if right <= left or bottom <= top:
+            canvas[...] = row
+            return canvas
+        resized = image.resize((right - left, bottom - top), Image.Resampling.BICUBIC)
+        canvas[top:bottom, left:right] = np.asarray(resized)
+        canvas[:top] = row
+        canvas[bottom:] = row
+        canvas[top:bottom, :left] = row[:left]
+        canvas[top:bottom, right:] = row[right:]
         return canvas
 
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
