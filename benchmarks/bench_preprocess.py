@@ -16,11 +16,14 @@ the same run, it measures:
   fast       `preprocess --fast` (not bit-exact), 2 workers; its PSNR against strict output is computed
              separately (untimed) on every image.
 
-and, for `internvl` only, a profile of where the time goes per image (decode, RGB, the reference's resizes,
-tiling / layout, normalization, the rest = writing and bookkeeping), the output bytes per image for every
-storage dtype, and the peak memory of a 2-worker run on 4000x3000 photos for 16 and 64 images (both more
-than one shard, so both workers are busy; the two peaks show it does not grow with the number of images),
-for `internvl` and for `qwen2-vl` at its default budget (144 MB of float16 per image, the largest output).
+Each strict case runs right after its bound, and the table gives their per-repeat ratio ("paired") beside
+the ratio of medians. Then: for `internvl` and `qwen2.5-vl`, a profile of where the time goes (decode, RGB,
+the reference's resizes, tiling / layout, normalization, the rest = writing and bookkeeping); strict
+against fast on the set's JPEGs of 12 MP and more, 1 worker, every strategy; `internvl`'s output bytes
+per image for every storage dtype; and the peak memory of a 2-worker run on 4000x3000 photos for 16 and
+64 images (both more than one shard, so both workers are busy; the two peaks show it does not grow with
+the number of images), for `internvl` and for `qwen2-vl` at its default budget (144 MB of float16 per
+image, the largest output).
 
 Images (generated, deterministic, no downloads): photo-like JPEGs (quality 90, 4:2:0; `make_photo` from
 bench_stats.py: gradients, blobs, hard edges, texture and grain) at 0.3, 0.8, 2 (landscape and portrait),
@@ -32,7 +35,7 @@ start-up excluded; pool / worker start-up included); the images are in the page 
 memory is the largest sum of PSS (proportional set size: shared pages counted once) over the child and
 all its descendants, polled every 20 ms. Cases are interleaved across repeats; medians are reported.
 
-    python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~25 min
+    python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~36 min
     python benchmarks/bench_preprocess.py --quick               # 2 strategies, 1 repeat, smoke run
     python benchmarks/bench_preprocess.py -s internvl -s qwen2.5-vl --markdown perf.md --json perf.json
 """
