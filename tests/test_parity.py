@@ -452,10 +452,13 @@ def test_gather_is_the_table_lookup_and_refuses_wider_indices():
     """gather runs np.take in clip mode, which would clamp an index past the table without a word: it
     takes uint8 indices only, and gives exactly table[c, v] for every value, in every chunk."""
     table = normalization_table(IMAGENET_MEAN, IMAGENET_STD)
-    src = np.random.default_rng(0).integers(0, 256, (3, 3, 100_000), dtype=np.uint8)  # chunks of 131072
-    dst = np.empty(src.shape, np.float32)
-    gather(table, src, dst)
-    assert_identical(dst, table[np.arange(3)[None, :, None], src], "gather vs fancy indexing")
+    rng = np.random.default_rng(0)
+    # rows shorter than a chunk (several rows per np.take), and longer (each row cut, with a remainder)
+    for shape in ((5, 3, 100_000), (2, 3, 300_000), (4000, 3, 147)):
+        src = rng.integers(0, 256, shape, dtype=np.uint8)
+        dst = np.empty(src.shape, np.float32)
+        gather(table, src, dst)
+        assert_identical(dst, table[np.arange(3)[None, :, None], src], f"gather vs fancy indexing {shape}")
     with pytest.raises(TypeError, match="uint8"):
         gather(table, src.astype(np.int16), dst)
 

@@ -437,7 +437,10 @@ def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
     13-tile InternVL image takes 12.5 ms instead of 19.3 (medians of 40).
     """
     if src.dtype != np.uint8 or table.shape[-1] != 256:
-        raise TypeError(f"gather needs uint8 indices into a 256-entry table, got {src.dtype}")
+        raise TypeError(
+            f"gather needs uint8 indices into a 256-entry table, got {src.dtype} indices and "
+            f"{table.shape[-1]} entries"
+        )
     n, channels, per = src.shape
     rows = max(1, GATHER_CHUNK // per)
     cols = min(per, GATHER_CHUNK)
