@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import mmap
 import os
 import shutil
 import tarfile
@@ -37,8 +38,8 @@ TAR_MTIME = 0
 
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 """Pixel bytes per Parquet row group: big rows need byte-sized groups, not pyarrow's 1M-row default. Small
-enough that a shard reaches the disk while its worker computes the next images (see `HashingFile`), and
-that a reader holds little to get at one row; 2-3 12-MP InternVL images, ~30 at 1 MP in uint8."""
+enough that a shard reaches the disk while its worker computes the next images (see `ArrowHashingFile`),
+and that a reader holds little to get at one row; 2-3 12-MP InternVL images, ~30 at 1 MP in uint8."""
 WRITEBACK_BYTES = 8 * 1024 * 1024
 """How often (in bytes written) a shard file asks the kernel to start writing it to disk."""
 
@@ -193,6 +194,55 @@ class HashingFile(io.RawIOBase):
             self._file.close()
 
 
+class ArrowHashingFile:
+    """A native Arrow output file, hashed behind its writer: the Parquet shard's file.
+
+    Given a Python file object, pyarrow copies every page it writes into a new `bytes` object before
+    calling `write` (fresh memory for each multi-MB page). A native file writes the pages straight from
+    Arrow's buffers; the checksum then reads each row group back from the page cache right after it was
+    written (`catch_up`, through `mmap`: no copy), and starts its writeback like `HashingFile`. Measured
+    on 208 MB of rows: 466 ms through `HashingFile`, 340 ms this way; whole runs, 5 paired repeats:
+    qwen2-vl (67 MB per image) 1.08x, xcomposer2.5 (26 MB) 1.04x, internvl (12.5 MB) unchanged.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.stream = pa.OSFile(path, "wb")
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except BaseException:
+            self.stream.close()
+            raise
+        self.digest = hashlib.sha256()
+        self.hashed = 0
+        self.closed = False
+
+    def catch_up(self) -> None:
+        """Hash what the writer has written since the last call; the writer writes sequentially."""
+        end = self.stream.tell()
+        if end <= self.hashed:
+            return
+        base = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+        with (
+            mmap.mmap(self._fd, end - base, access=mmap.ACCESS_READ, offset=base) as mapped,
+            memoryview(mapped) as view,
+            view[self.hashed - base :] as fresh,
+        ):
+            self.digest.update(fresh)
+        self.hashed = end
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                if not self.stream.closed:
+                    self.catch_up()
+                    self.stream.close()
+            finally:
+                os.close(self._fd)
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -225,10 +275,13 @@ class ShardSink(Generic[R]):
         self.pixels = pixels
         directory, name = os.path.split(path)
         self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-        self.file = HashingFile(self.tmp_path)
+        self.file = self._open_file(self.tmp_path)
         self.records = 0
         self.bytes = 0
         """Bytes written so far (pixels plus metadata, approximately the file size): rotation reads it."""
+
+    def _open_file(self, path: str) -> HashingFile | ArrowHashingFile:
+        return HashingFile(path)
 
     def write(self, record: R) -> None:
         raise NotImplementedError
@@ -275,6 +328,10 @@ class ParquetShard(ShardSink[R]):
     `_open`) and turn a record into a row (`_row`, `_row_bytes`)."""
 
     suffix = ".parquet"
+    file: ArrowHashingFile
+
+    def _open_file(self, path: str) -> ArrowHashingFile:
+        return ArrowHashingFile(path)
 
     def _open(self, schema: pa.Schema, arrays: tuple[str, ...] = ()) -> None:
         """Start the file; `arrays` are list columns of thousands of values per row (packed sequences'
@@ -282,7 +339,7 @@ class ParquetShard(ShardSink[R]):
         self.schema = schema.with_metadata({"vlmtile": json.dumps(self.file_metadata, sort_keys=True)})
         small = [n for n in schema.names if n != "pixel_values" and n not in arrays]
         self._writer = pq.ParquetWriter(
-            self.file,
+            self.file.stream,
             self.schema,
             # Normalized floats barely compress and uint8 little; spend no CPU on the pixel column.
             compression={n: ("NONE" if n == "pixel_values" else "ZSTD") for n in schema.names},
@@ -324,6 +381,7 @@ class ParquetShard(ShardSink[R]):
         self._writer.write_table(self._table(self._rows), row_group_size=len(self._rows))
         self._rows.clear()
         self._buffered = 0
+        self.file.catch_up()
 
     def _finish(self) -> None:
         self._flush()
@@ -406,6 +464,7 @@ class TarShard(ShardSink[R]):
     the subclass's `_members`."""
 
     suffix = ".tar"
+    file: HashingFile
 
     def __init__(
         self,
