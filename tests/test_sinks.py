@@ -144,11 +144,12 @@ def test_parquet_row_groups_are_bounded(
 
 def test_arrow_hashing_file_hashes_what_was_written(tmp_path: Path) -> None:
     """Writes of odd sizes, hashed at odd moments (twice in a row, after nothing new, across page
-    boundaries), give the file's SHA-256; `close` hashes the rest."""
+    boundaries, over several mapped windows), give the file's SHA-256; `close` hashes the rest."""
     path = tmp_path / "f.bin"
     file = sinks.ArrowHashingFile(str(path))
     rng = np.random.default_rng(0)
-    for size in (1, 4095, 4097, 0, 70_000, 3, 1 << 20):
+    big = 2 * sinks.WRITEBACK_BYTES + 5  # hashed in three mapped windows
+    for size in (1, 4095, 4097, 0, 70_000, 3, big, 1 << 20):
         file.stream.write(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
         file.catch_up()
         if size == 3:
@@ -157,7 +158,7 @@ def test_arrow_hashing_file_hashes_what_was_written(tmp_path: Path) -> None:
     file.close()
     file.close()  # closing twice is harmless (abort after a failed commit does it)
     assert file.digest.hexdigest() == sha256(path)
-    assert file.hashed == path.stat().st_size == 1 + 4095 + 4097 + 70_000 + 3 + (1 << 20) + 21
+    assert file.hashed == path.stat().st_size == 1 + 4095 + 4097 + 70_000 + 3 + big + (1 << 20) + 21
 
 
 def test_parquet_directory_readable_by_pyarrow_discovery(folder: Path, tmp_path: Path) -> None:

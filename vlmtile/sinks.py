@@ -217,18 +217,21 @@ class ArrowHashingFile:
         self.closed = False
 
     def catch_up(self) -> None:
-        """Hash what the writer has written since the last call; the writer writes sequentially."""
+        """Hash what the writer has written since the last call; the writer writes sequentially.
+
+        A window of `WRITEBACK_BYTES` is mapped at a time: mapped file pages count in the worker's
+        memory, and a 144 MB row must not count twice."""
         end = self.stream.tell()
-        if end <= self.hashed:
-            return
-        base = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
-        with (
-            mmap.mmap(self._fd, end - base, access=mmap.ACCESS_READ, offset=base) as mapped,
-            memoryview(mapped) as view,
-            view[self.hashed - base :] as fresh,
-        ):
-            self.digest.update(fresh)
-        self.hashed = end
+        while self.hashed < end:
+            base = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY  # mmap offsets: page-aligned
+            stop = min(end, base + WRITEBACK_BYTES)
+            with (
+                mmap.mmap(self._fd, stop - base, access=mmap.ACCESS_READ, offset=base) as mapped,
+                memoryview(mapped) as view,
+                view[self.hashed - base :] as fresh,
+            ):
+                self.digest.update(fresh)
+            self.hashed = stop
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
