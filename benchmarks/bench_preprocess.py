@@ -17,8 +17,10 @@ the same run, it measures:
              separately (untimed) on every image.
 
 Each strict case runs right after its bound, and the table gives their per-repeat ratio ("paired") beside
-the ratio of medians. Then: for `internvl` and `qwen2.5-vl`, a profile of where the time goes (decode, RGB,
-the reference's resizes, tiling / layout, normalization, the rest = writing and bookkeeping); strict
+the ratio of medians. Each repeat also times the output's disk (512 MiB written and fsync'ed); "disk
+limit" is that rate over a strategy's bytes per image: the most images/s any writer could store there.
+Then: for `internvl` and `qwen2.5-vl`, a profile of where the time goes (decode, RGB, the reference's
+resizes, tiling / layout, normalization, the rest = writing and bookkeeping); strict
 against fast on the set's JPEGs of 12 MP and more, 1 worker, every strategy; `internvl`'s output bytes
 per image for every storage dtype; and the peak memory of a 2-worker run on 4000x3000 photos for 16 and
 64 images (both more than one shard, so both workers are busy; the two peaks show it does not grow with
@@ -407,6 +409,22 @@ def psnr_fast(name: str, paths: list[str]) -> list[float]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def disk_write_rate(directory: str, total: int = 512 << 20) -> float:
+    """Bytes/s the output's filesystem takes: a file written in 8 MiB chunks and fsync'ed, the way a
+    shard reaches the disk. A strategy that stores B bytes per image cannot outrun rate / B images/s
+    on this machine, whatever its CPUs do."""
+    chunk = os.urandom(8 << 20)
+    path = os.path.join(directory, "disk-rate.bin")
+    started = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(total // len(chunk)):
+            f.write(chunk)
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - started
+    os.unlink(path)
+    return total / seconds
+
+
 def _tree(pid: int) -> list[int]:
     pids, frontier = [pid], [pid]
     while frontier:
@@ -535,7 +553,10 @@ def main() -> None:
     load = wait_for_quiet(args.wait_load, args.wait_timeout)
     print(f"load before measuring: {load['load']:.2f} (settled: {load['settled']})", flush=True)
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    disk_rates: list[float] = []
     for rep in range(args.repeats):
+        disk_rates.append(disk_write_rate(scratch))
+        print(f"  [{rep + 1}/{args.repeats}] disk writes {disk_rates[-1] / 1e6:.0f} MB/s", flush=True)
         for name in names:
             for case, workers in CASES:
                 result = run_child(spec(case, name, workers))
@@ -547,6 +568,7 @@ def main() -> None:
                     flush=True,
                 )
     load_after = os.getloadavg()[0]
+    disk_rate = statistics.median(disk_rates)
 
     def median(name: str, case: str, workers: int, key: str = "rate") -> float:
         results = runs[(name, case, workers)]
@@ -583,6 +605,7 @@ def main() -> None:
                 "psnr_median": statistics.median(psnr),
                 "peak_mib_2": median(name, "vlmtile", 2, "peak_mib"),
                 "bytes_per_image": median(name, "vlmtile", 2, "bytes") / len(paths),
+                "disk_limit": disk_rate / (median(name, "vlmtile", 2, "bytes") / len(paths)),
             }
         )
 
@@ -598,6 +621,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "load_before": load["load"],
             "load_after": load_after,
+            "disk_write_bytes_per_s": disk_rate,
         },
         "images": [{"path": os.path.basename(p), "bytes": os.path.getsize(p)} for p in paths],
         "megapixels": megapixels,
@@ -662,7 +686,8 @@ def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, Pillow {m['pillow']}, numpy "
-        f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after. "
+        f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
+        f"the output's disk writes {m['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (512 MiB + fsync). "
         f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; "
         f"medians of {result['repeats']} (images/s).",
         "",
@@ -670,8 +695,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| strict / bound (1 core, 2 cores) | paired, 1 core: median [range] "
         "| strict 2w / user | user / bound 2p | 2w / 1w (bound 2p / 1p) "
         "| fast / strict "
-        "| fast PSNR min (median) | peak 2w | MB / image |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fast PSNR min (median) | peak 2w | MB / image | disk limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         r = row["rates"]
@@ -685,7 +710,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{row['user_vs_bound_2']:.2f}x | {row['scaling']:.2f}x ({r['boundx2'] / r['boundx1']:.2f}x) | "
             f"{row['fast_vs_strict']:.2f}x | "
             f"{row['psnr_min']:.1f} ({row['psnr_median']:.1f}) dB | {row['peak_mib_2']:.0f} MiB | "
-            f"{row['bytes_per_image'] / 1e6:.1f} |"
+            f"{row['bytes_per_image'] / 1e6:.1f} | {row['disk_limit']:.1f} |"
         )
     extras = result["extras"]
     for name, p in extras.get("profile", {}).items():
