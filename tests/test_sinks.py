@@ -201,6 +201,66 @@ def test_tar_layout(folder: Path, tmp_path: Path) -> None:
     assert keys == [f"img{i:02d}_png" for i in range(6)]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "uint8"])
+def test_tar_bytes_are_what_tarfile_writes(tmp_path: Path, make_image: MakeImage, dtype: str) -> None:
+    """The tar sink writes its own headers and padding (no `TarFile.addfile` copies): the file must be
+    byte for byte what `tarfile` writes for the same members, PAX headers for long non-ASCII names and
+    the end-of-archive record padding included, and each `.npy` exactly `np.save`'s bytes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = ["a.png", "é" * 60 + ".png", "x" * 120 + ".png"]  # a short name, PAX for utf-8 and for length
+    for i, name in enumerate(names):
+        save_image(make_image(30 + 11 * i, 20 + 3 * i, "RGB", i), folder / name, "PNG")
+    out = tmp_path / "out"
+    qwen = vlmtile.get_strategy("qwen2.5-vl")
+    vlmtile.preprocess(config(folder, out, strategy=qwen, format="webdataset", dtype=dtype))
+    (path,) = shard_paths(out)
+    with tarfile.open(path) as tar:
+        members = [(m.name, member_bytes(tar, m.name)) for m in tar.getmembers()]
+    assert len(members) == 6 and any(len(name) > 100 for name, _ in members)
+    again = io.BytesIO()
+    with tarfile.open(fileobj=again, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    assert Path(path).read_bytes() == again.getvalue()
+    for name, data in members:
+        if name.endswith(".npy"):
+            array = np.load(io.BytesIO(data))
+            saved = io.BytesIO()
+            np.save(saved, array)
+            assert data == saved.getvalue()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(6, dtype=np.float32).reshape(2, 3).T,  # not C-contiguous
+        np.zeros((0, 1176), dtype=np.float16),
+        np.array(7, dtype=np.int32),
+        np.arange(10, dtype=np.int64)[::3],
+    ],
+)
+def test_npy_member_is_np_save(array: np.ndarray) -> None:
+    """`np.save` of the C-contiguous array (what the sink always stored: readers get C order, and
+    `ascontiguousarray` makes a 0-d array 1-d)."""
+    header, data = sinks.npy_member(array, str(array.dtype))
+    saved = io.BytesIO()
+    np.save(saved, np.ascontiguousarray(array))
+    assert header + data.tobytes() == saved.getvalue()
+    assert sinks.member_size((header, data)) == len(saved.getvalue())
+
+
+def test_npy_member_stores_bfloat16_as_uint16_bits() -> None:
+    array = np.array([[1.5, -2.0], [0.1, 3e38]], dtype=ml_dtypes.bfloat16)
+    header, data = sinks.npy_member(array, "bfloat16")
+    stored = np.load(io.BytesIO(header + data.tobytes()))
+    assert stored.dtype == np.uint16
+    assert np.array_equal(stored, array.view(np.uint16))
+
+
 def test_tar_bfloat16_round_trip(folder: Path, tmp_path: Path) -> None:
     qwen = vlmtile.get_strategy("qwen2.5-vl")
     out = tmp_path / "out"

@@ -145,10 +145,12 @@ def sample_metadata(record: SampleRecord, dtype: str) -> dict[str, Any]:
 
 
 class HashingFile(io.RawIOBase):
-    """A write-only file that hashes what goes through it: the checksum costs no second read.
+    """A write-only file that hashes what goes through it: the tar shard's file (Parquet's is
+    `ArrowHashingFile`). The checksum costs no second read.
 
-    Both writers write strictly sequentially (Parquet appends its footer, tar its end blocks), so the
-    digest of the writes is the digest of the file.
+    The tar is written strictly sequentially, so the digest of the writes is the digest of the file. A
+    big write (a whole array) goes through `WRITEBACK_BYTES` at a time: each piece is hashed while it
+    is still in cache, then written.
 
     Every `WRITEBACK_BYTES` it also asks the kernel to start writing the file out
     (`posix_fadvise(DONTNEED)` starts writeback of dirty pages without waiting, and drops pages already
@@ -171,16 +173,21 @@ class HashingFile(io.RawIOBase):
         return self.position
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.digest.update(view)
-        self._file.write(view)
-        self.position += view.nbytes
-        self._unadvised += view.nbytes
+        with memoryview(data) as whole, whole.cast("B") as view:
+            for start in range(0, view.nbytes, WRITEBACK_BYTES):  # a whole array at most 8 MiB at a time
+                with view[start : start + WRITEBACK_BYTES] as chunk:
+                    self._write(chunk)
+            return view.nbytes
+
+    def _write(self, chunk: memoryview) -> None:
+        self.digest.update(chunk)
+        self._file.write(chunk)
+        self.position += chunk.nbytes
+        self._unadvised += chunk.nbytes
         if self._unadvised >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             self._file.flush()
             os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             self._unadvised = 0
-        return view.nbytes
 
     def flush(self) -> None:
         self._file.flush()
@@ -453,18 +460,35 @@ def _raw(pixels: np.ndarray | None) -> bytes:
     return np.ascontiguousarray(pixels).view(np.uint8).tobytes()
 
 
-def npy_bytes(array: np.ndarray, dtype: str) -> bytes:
-    """`np.save` bytes of an array; bfloat16 (which .npy cannot name) as its uint16 bits."""
+Member = bytes | tuple[bytes, memoryview]
+"""A tar member's content: bytes, or an `.npy` file as its header and a view of the array's memory."""
+
+
+def npy_member(array: np.ndarray, dtype: str) -> tuple[bytes, memoryview]:
+    """The bytes `np.save` writes for an array, as (header, a view of the array's data): the pixels go
+    to the shard without being copied into a bytes object first. bfloat16 (which .npy cannot name) is
+    stored as its uint16 bits."""
     if dtype == "bfloat16":
         array = array.view(np.uint16)
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return header.getvalue(), array.reshape(-1).view(np.uint8).data
+
+
+def member_size(data: Member) -> int:
+    return len(data[0]) + data[1].nbytes if isinstance(data, tuple) else len(data)
 
 
 class TarShard(ShardSink[R]):
     """A tar of WebDataset samples: each record is `KEY.EXT` members (sorted, mtime 0, mode 0644) given by
-    the subclass's `_members`."""
+    the subclass's `_members`.
+
+    The tar is written here, not by `tarfile.TarFile`: `addfile` wants a file object to copy from, so
+    every array went through `np.save` into a BytesIO, then out again in 16 KiB reads, each hashed and
+    written on its own (208 MB: 817 ms). Here a member is `TarInfo.tobuf` (the header `addfile`
+    writes), the array's memory and the zero padding; the archive ends the way `TarFile.close` ends it.
+    Same bytes, 261 ms."""
 
     suffix = ".tar"
     file: HashingFile
@@ -480,27 +504,36 @@ class TarShard(ShardSink[R]):
         pixels: bool = True,
     ) -> None:
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
-        self._tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._offset = 0
+        """Bytes of the archive so far: the end-of-archive padding rounds it to a whole record."""
 
-    def _members(self, record: R) -> tuple[str, dict[str, bytes]]:
+    def _members(self, record: R) -> tuple[str, dict[str, Member]]:
         raise NotImplementedError
 
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, name: str, data: Member) -> None:
         info = tarfile.TarInfo(name)
-        info.size = len(data)
+        info.size = member_size(data)
         info.mtime = TAR_MTIME
         info.mode = 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+        header = info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        padding = -info.size % tarfile.BLOCKSIZE
+        self.file.write(header)
+        for part in data if isinstance(data, tuple) else (data,):
+            self.file.write(part)
+        self.file.write(bytes(padding))
+        self._offset += len(header) + info.size + padding
 
     def write(self, record: R) -> None:
         key, members = self._members(record)
         for ext in sorted(members):  # sorted member names: byte-identical reruns
             self._add(f"{key}.{ext}", members[ext])
-            self.bytes += 512 + len(members[ext])
+            self.bytes += 512 + member_size(members[ext])
         self.records += 1
 
     def _finish(self) -> None:
-        self._tar.close()  # writes the end-of-archive blocks; the file itself stays open for commit
+        """Two zero blocks, then zeros up to a whole record; the file itself stays open for commit."""
+        self._offset += 2 * tarfile.BLOCKSIZE
+        self.file.write(bytes(2 * tarfile.BLOCKSIZE + -self._offset % tarfile.RECORDSIZE))
 
     def _discard(self) -> None:
         self.file.close()
@@ -511,12 +544,12 @@ class TarSink(TarShard[SampleRecord]):
     `KEY.img0.npy`, `KEY.img1.npy`, ... in image order, `KEY.vlmtile.json` (metadata), and the sample's
     own members (`KEY.txt`, `KEY.json`, ...) as they came; a manifest line or Parquet row is `KEY.json`."""
 
-    def _members(self, record: SampleRecord) -> tuple[str, dict[str, bytes]]:
-        members: dict[str, bytes] = {}
+    def _members(self, record: SampleRecord) -> tuple[str, dict[str, Member]]:
+        members: dict[str, Member] = {}
         if self.layout == "image":
             (image,) = record.images
             if self.pixels and image.pixels is not None:
-                members["npy"] = npy_bytes(image.pixels, self.dtype)
+                members["npy"] = npy_member(image.pixels, self.dtype)
             metadata = {k: v for k, v in image.metadata.items() if k != "name"}
             members["json"] = json.dumps(metadata, sort_keys=True).encode()
         else:
@@ -527,7 +560,7 @@ class TarSink(TarShard[SampleRecord]):
             if self.pixels:
                 for i, image in enumerate(record.images):
                     if image.pixels is not None:
-                        members[f"img{i}.npy"] = npy_bytes(image.pixels, self.dtype)
+                        members[f"img{i}.npy"] = npy_member(image.pixels, self.dtype)
             members["vlmtile.json"] = json.dumps(sample_metadata(record, self.dtype), sort_keys=True).encode()
         return record.key, members
 
@@ -604,12 +637,12 @@ class PackedTarSink(TarShard[PackedSequence]):
     """One WebDataset sample per sequence: `KEY.npy` (pixel_values), `KEY.segment_ids.npy`,
     `KEY.positions.npy`, `KEY.cu_seqlens.npy` (int32) and `KEY.json` (the per-segment metadata)."""
 
-    def _members(self, record: PackedSequence) -> tuple[str, dict[str, bytes]]:
+    def _members(self, record: PackedSequence) -> tuple[str, dict[str, Member]]:
         return record.key, {
-            "npy": npy_bytes(record.pixel_values, self.dtype),
-            "segment_ids.npy": npy_bytes(record.segment_ids, "int32"),
-            "positions.npy": npy_bytes(record.positions, "int32"),
-            "cu_seqlens.npy": npy_bytes(record.cu_seqlens, "int32"),
+            "npy": npy_member(record.pixel_values, self.dtype),
+            "segment_ids.npy": npy_member(record.segment_ids, "int32"),
+            "positions.npy": npy_member(record.positions, "int32"),
+            "cu_seqlens.npy": npy_member(record.cu_seqlens, "int32"),
             "json": json.dumps(record.metadata(self.dtype), sort_keys=True).encode(),
         }
 
