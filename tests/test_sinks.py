@@ -142,9 +142,19 @@ def test_parquet_row_groups_are_bounded(
             assert shard["sha256"] == sha256(out / shard["name"])
 
 
-def test_arrow_hashing_file_hashes_what_was_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mappable", [True, False])
+def test_arrow_hashing_file_hashes_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mappable: bool
+) -> None:
     """Writes of odd sizes, hashed at odd moments (twice in a row, after nothing new, across page
-    boundaries, over several mapped windows), give the file's SHA-256; `close` hashes the rest."""
+    boundaries, over several mapped windows), give the file's SHA-256; `close` hashes the rest. On a
+    filesystem that refuses `mmap` (some FUSE mounts) the same, read back with `pread`."""
+    if not mappable:
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise OSError(19, "No such device")
+
+        monkeypatch.setattr(sinks.mmap, "mmap", refuse)
     path = tmp_path / "f.bin"
     file = sinks.ArrowHashingFile(str(path))
     rng = np.random.default_rng(0)

@@ -213,6 +213,7 @@ class ArrowHashingFile:
     """
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.stream = pa.OSFile(path, "wb")
         try:
             self._fd = os.open(path, os.O_RDONLY)
@@ -222,25 +223,40 @@ class ArrowHashingFile:
         self.digest = hashlib.sha256()
         self.hashed = 0
         self.closed = False
+        self._mappable = True
 
     def catch_up(self) -> None:
         """Hash what the writer has written since the last call; the writer writes sequentially.
 
         A window of `WRITEBACK_BYTES` is mapped at a time: mapped file pages count in the worker's
-        memory, and a 144 MB row must not count twice."""
+        memory, and a 144 MB row must not count twice. Where the file cannot be mapped (some FUSE
+        mounts of object stores refuse `mmap`), it is read back with `pread` instead."""
         end = self.stream.tell()
         while self.hashed < end:
             base = self.hashed - self.hashed % mmap.ALLOCATIONGRANULARITY  # mmap offsets: page-aligned
             stop = min(end, base + WRITEBACK_BYTES)
-            with (
-                mmap.mmap(self._fd, stop - base, access=mmap.ACCESS_READ, offset=base) as mapped,
-                memoryview(mapped) as view,
-                view[self.hashed - base :] as fresh,
-            ):
-                self.digest.update(fresh)
+            if self._mappable:
+                try:
+                    mapped = mmap.mmap(self._fd, stop - base, access=mmap.ACCESS_READ, offset=base)
+                except (OSError, ValueError):
+                    self._mappable = False
+            if self._mappable:
+                with mapped, memoryview(mapped) as view, view[self.hashed - base :] as fresh:
+                    self.digest.update(fresh)
+            else:
+                self._hash_read(stop)
             self.hashed = stop
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def _hash_read(self, stop: int) -> None:
+        position = self.hashed
+        while position < stop:
+            data = os.pread(self._fd, stop - position, position)
+            if not data:
+                raise OSError(f"{self.path} ended at byte {position} while being hashed")
+            self.digest.update(data)
+            position += len(data)
 
     def close(self) -> None:
         if not self.closed:
