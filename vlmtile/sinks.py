@@ -520,13 +520,12 @@ class TarShard(ShardSink[R]):
         pixels: bool = True,
     ) -> None:
         super().__init__(path, strategy, dtype, file_metadata, layout=layout, pixels=pixels)
-        self._offset = 0
-        """Bytes of the archive so far: the end-of-archive padding rounds it to a whole record."""
 
     def _members(self, record: R) -> tuple[str, dict[str, Member]]:
         raise NotImplementedError
 
-    def _add(self, name: str, data: Member) -> None:
+    def _add(self, name: str, data: Member) -> int:
+        """Write one member; returns its content's size."""
         info = tarfile.TarInfo(name)
         info.size = member_size(data)
         info.mtime = TAR_MTIME
@@ -537,19 +536,19 @@ class TarShard(ShardSink[R]):
         for part in data if isinstance(data, tuple) else (data,):
             self.file.write(part)
         self.file.write(bytes(padding))
-        self._offset += len(header) + info.size + padding
+        return info.size
 
     def write(self, record: R) -> None:
         key, members = self._members(record)
         for ext in sorted(members):  # sorted member names: byte-identical reruns
-            self._add(f"{key}.{ext}", members[ext])
-            self.bytes += 512 + member_size(members[ext])
+            self.bytes += 512 + self._add(f"{key}.{ext}", members[ext])
         self.records += 1
 
     def _finish(self) -> None:
-        """Two zero blocks, then zeros up to a whole record; the file itself stays open for commit."""
-        self._offset += 2 * tarfile.BLOCKSIZE
-        self.file.write(bytes(2 * tarfile.BLOCKSIZE + -self._offset % tarfile.RECORDSIZE))
+        """Two zero blocks, then zeros up to a whole record (the archive is the whole file, so the
+        file's position is its length); the file itself stays open for commit."""
+        end = self.file.tell() + 2 * tarfile.BLOCKSIZE
+        self.file.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
 
     def _discard(self) -> None:
         self.file.close()
