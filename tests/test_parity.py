@@ -9,6 +9,7 @@ References:
 
 from __future__ import annotations
 
+import gc
 import math
 from functools import cache
 from pathlib import Path
@@ -39,6 +40,7 @@ from vlmtile.strategies.base import (
     IMAGENET_STD,
     gather,
     normalization_table,
+    pixels,
     to_rgb,
 )
 
@@ -461,6 +463,42 @@ def test_gather_is_the_table_lookup_and_refuses_wider_indices():
         assert_identical(dst, table[np.arange(3)[None, :, None], src], f"gather vs fancy indexing {shape}")
     with pytest.raises(TypeError, match="uint8"):
         gather(table, src.astype(np.int16), dst)
+
+
+def assert_same_pixels(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert (actual.shape, actual.dtype) == (expected.shape, expected.dtype)
+    np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"), [("RGB", (37, 23)), ("L", (37, 23)), ("RGB", (1, 1)), ("L", (4099, 1))]
+)
+def test_pixels_is_a_view_of_the_image(make_image, mode, size):
+    """`pixels` shares the image's memory (a pixel written afterwards shows in the array) and keeps it
+    alive after the image is gone; values as np.asarray gives them."""
+    image = make_image(*size, mode, 7)
+    view = pixels(image)
+    expected = np.asarray(image).copy()
+    assert_same_pixels(view, expected)
+    assert not view.flags.writeable
+    first = image.getpixel((0, 0))
+    changed = tuple(255 - v for v in first) if mode == "RGB" else 255 - first
+    image.putpixel((0, 0), changed)
+    expected[0, 0] = changed
+    assert_same_pixels(view, expected)  # the pixel written after the view was taken
+    del image
+    gc.collect()
+    others = [Image.new(mode, size, 200 - i) for i in range(4)]  # reuse freed memory if it was freed
+    assert_same_pixels(view, expected)  # after its image was deleted
+    del others
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
+def test_pixels_copies_what_it_cannot_view(make_image, mode):
+    """Images above Pillow's 16 MiB block (2100x2100 RGB is 17.6 MB as Pillow stores it) and modes
+    other than RGB / L go through np.asarray: same values."""
+    image = make_image(2100, 2100, mode, 3) if mode == "RGB" else make_image(31, 17, mode, 3)
+    assert_same_pixels(pixels(image), np.asarray(image))
 
 
 @pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])

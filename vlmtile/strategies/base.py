@@ -455,6 +455,30 @@ def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
                 )
 
 
+def pixels(image: Image.Image) -> np.ndarray:
+    """A read-only view of an RGB or L image's own memory as (H, W, 3) or (H, W) uint8.
+
+    Through Pillow's Arrow export, which shares the image's buffer: `np.asarray` goes through `tobytes`,
+    two copies of every pixel (3 ms for a 1792x1344 RGB image, 4 ms for a plane of a 12 MP photo; a view
+    costs 0.01-0.02 ms). Pillow stores RGB as 4 bytes per pixel, so an RGB view is strided. An image
+    that Pillow's allocator stored in more than one block (above 16 MiB by default: a 4.2 MP RGB image)
+    cannot be exported in one piece and is copied as before; other modes are copied as well.
+    """
+    if image.mode not in ("RGB", "L") or image.width == 0 or image.height == 0:
+        return np.asarray(image)
+    import pyarrow as pa
+
+    try:
+        exported = pa.array(image)
+    except ValueError:  # rows in more than one block
+        return np.asarray(image)
+    if image.mode == "L":
+        plane: np.ndarray = exported.to_numpy(zero_copy_only=True)
+        return plane.reshape(image.height, image.width)
+    values: np.ndarray = exported.values.to_numpy(zero_copy_only=True)
+    return values.reshape(image.height, image.width, 4)[:, :, :3]
+
+
 def tunable_fields(cls: type[Strategy]) -> list[dataclasses.Field[Any]]:
     """The fields a user may set through `get_strategy` or the CLI."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("tunable", False)]

@@ -29,6 +29,7 @@ from .base import (
     grid_boxes,
     join_tiles,
     param,
+    pixels,
 )
 
 
@@ -148,12 +149,10 @@ class InternVL(Strategy):
         t = self.tile_size
         cols, rows = plan.grid
         out = np.empty(plan.shape, dtype=np.uint8)
-        resized = np.asarray(
-            image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
-        )
+        resized = pixels(image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC))
         cut_tiles(resized, cols, rows, out[: cols * rows])
         if plan.thumbnail:
-            thumb = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+            thumb = pixels(image.resize((t, t), Image.Resampling.BICUBIC))
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
 

@@ -51,6 +51,7 @@ from .base import (
     gather,
     grid_boxes,
     param,
+    pixels,
 )
 
 PAD_VALUE = 255
@@ -231,10 +232,10 @@ class XComposerHD(Strategy):
             # The reference resizes the *transposed* image (Pillow's two resampling passes, each rounded to
             # uint8, do not commute with a transpose), so transpose first, then place it back transposed.
             turned = image.transpose(Image.Transpose.TRANSPOSE)
-            resized = np.asarray(turned.resize((bottom - top, right - left), Image.Resampling.BILINEAR))
+            resized = pixels(turned.resize((bottom - top, right - left), Image.Resampling.BILINEAR))
             out[:, top:bottom, left:right] = resized.transpose(2, 1, 0)
         else:
-            resized = np.asarray(image.resize((right - left, bottom - top), Image.Resampling.BILINEAR))
+            resized = pixels(image.resize((right - left, bottom - top), Image.Resampling.BILINEAR))
             out[:, top:bottom, left:right] = resized.transpose(2, 0, 1)
         return out
 
@@ -256,7 +257,7 @@ class XComposerHD(Strategy):
         out[:, top:bottom, right:] = pad
         resized = image.resize((right - left, bottom - top), Image.Resampling.BILINEAR)
         for c, band in enumerate(resized.split()):
-            gather(table[c : c + 1], np.asarray(band)[:, None], out[c, top:bottom, left:right][:, None])
+            gather(table[c : c + 1], pixels(band)[:, None], out[c, top:bottom, left:right][:, None])
         return out
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
