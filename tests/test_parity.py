@@ -39,8 +39,8 @@ from vlmtile.strategies.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     gather,
+    image_view,
     normalization_table,
-    pixels,
     to_rgb,
 )
 
@@ -473,11 +473,11 @@ def assert_same_pixels(actual: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize(
     ("mode", "size"), [("RGB", (37, 23)), ("L", (37, 23)), ("RGB", (1, 1)), ("L", (4099, 1))]
 )
-def test_pixels_is_a_view_of_the_image(make_image, mode, size):
-    """`pixels` shares the image's memory (a pixel written afterwards shows in the array) and keeps it
+def test_image_view_is_a_view_of_the_image(make_image, mode, size):
+    """`image_view` shares the image's memory (a pixel written afterwards shows in the array) and keeps it
     alive after the image is gone; values as np.asarray gives them."""
     image = make_image(*size, mode, 7)
-    view = pixels(image)
+    view = image_view(image)
     expected = np.asarray(image).copy()
     assert_same_pixels(view, expected)
     assert not view.flags.writeable
@@ -494,11 +494,11 @@ def test_pixels_is_a_view_of_the_image(make_image, mode, size):
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "I;16"])
-def test_pixels_copies_what_it_cannot_view(make_image, mode):
+def test_image_view_copies_what_it_cannot_view(make_image, mode):
     """Images above Pillow's 16 MiB block (2100x2100 RGB is 17.6 MB as Pillow stores it) and modes
     other than RGB / L go through np.asarray: same values."""
     image = make_image(2100, 2100, mode, 3) if mode == "RGB" else make_image(31, 17, mode, 3)
-    assert_same_pixels(pixels(image), np.asarray(image))
+    assert_same_pixels(image_view(image), np.asarray(image))
 
 
 @pytest.mark.parametrize("name", ["internvl", "qwen2-vl"])

@@ -455,7 +455,7 @@ def gather(table: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
                 )
 
 
-def pixels(image: Image.Image) -> np.ndarray:
+def image_view(image: Image.Image) -> np.ndarray:
     """A read-only view of an RGB or L image's own memory as (H, W, 3) or (H, W) uint8.
 
     Through Pillow's Arrow export, which shares the image's buffer: `np.asarray` goes through `tobytes`,

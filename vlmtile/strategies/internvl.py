@@ -27,9 +27,9 @@ from .base import (
     check_size,
     cut_tiles,
     grid_boxes,
+    image_view,
     join_tiles,
     param,
-    pixels,
 )
 
 
@@ -149,10 +149,12 @@ class InternVL(Strategy):
         t = self.tile_size
         cols, rows = plan.grid
         out = np.empty(plan.shape, dtype=np.uint8)
-        resized = pixels(image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC))
+        resized = image_view(
+            image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
+        )
         cut_tiles(resized, cols, rows, out[: cols * rows])
         if plan.thumbnail:
-            thumb = pixels(image.resize((t, t), Image.Resampling.BICUBIC))
+            thumb = image_view(image.resize((t, t), Image.Resampling.BICUBIC))
             out[cols * rows] = thumb.transpose(2, 0, 1)
         return out
 

@@ -52,9 +52,9 @@ from .base import (
     check_size,
     cut_tiles,
     grid_boxes,
+    image_view,
     join_tiles,
     param,
-    pixels,
 )
 
 PINPOINT_ORDERS = ("hw", "wh")
@@ -301,7 +301,7 @@ class LlavaNext(Strategy):
             padded[top : top + height, left : left + width] = np.asarray(image)
             square = Image.fromarray(padded)
         out = np.empty((1, 3, t, t), dtype=np.uint8)
-        out[0] = pixels(square.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        out[0] = image_view(square.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
         return out
 
     def source_size(self, plan: Plan) -> tuple[int, int]:
@@ -321,7 +321,7 @@ class LlavaNext(Strategy):
         cols, rows = plan.grid
         left, top, right, bottom = plan.image_box
         out = np.empty(plan.shape, dtype=np.uint8)
-        out[0] = pixels(image.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+        out[0] = image_view(image.resize((t, t), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
         canvas = np.zeros((plan.resized_height, plan.resized_width, 3), dtype=np.uint8)
         canvas[top:bottom, left:right] = np.asarray(
             image.resize((right - left, bottom - top), Image.Resampling.BICUBIC)

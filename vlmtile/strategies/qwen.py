@@ -32,8 +32,8 @@ from .base import (
     Strategy,
     check_size,
     gather,
+    image_view,
     param,
-    pixels,
 )
 
 MAX_ASPECT_RATIO = 200
@@ -143,7 +143,7 @@ class QwenVL(Strategy):
         resized = image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
         planes = np.empty((grid_h // m, grid_w // m, m, m, 3, p, p), dtype=np.uint8)
         for c, band in enumerate(resized.split()):
-            plane = pixels(band).reshape(grid_h // m, m, p, grid_w // m, m, p)
+            plane = image_view(band).reshape(grid_h // m, m, p, grid_w // m, m, p)
             planes[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2, 5)
         return planes.reshape(grid_h * grid_w, 3, p * p)
 

@@ -50,8 +50,8 @@ from .base import (
     check_size,
     gather,
     grid_boxes,
+    image_view,
     param,
-    pixels,
 )
 
 PAD_VALUE = 255
@@ -243,7 +243,7 @@ class XComposerHD(Strategy):
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
         left, top, right, bottom = plan.image_box
         out = np.full(plan.shape, PAD_VALUE, dtype=np.uint8)
-        out[:, top:bottom, left:right] = pixels(self._resized(image, plan)).transpose(2, 0, 1)
+        out[:, top:bottom, left:right] = image_view(self._resized(image, plan)).transpose(2, 0, 1)
         return out
 
     def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
@@ -261,7 +261,7 @@ class XComposerHD(Strategy):
         out[:, top:bottom, :left] = pad
         out[:, top:bottom, right:] = pad
         for c, band in enumerate(self._resized(image, plan).split()):
-            gather(table[c : c + 1], pixels(band)[:, None], out[c, top:bottom, left:right][:, None])
+            gather(table[c : c + 1], image_view(band)[:, None], out[c, top:bottom, left:right][:, None])
         return out
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
