@@ -12,7 +12,8 @@ the same run, it measures:
              ToTensor/Normalize) in the parity tests is used.
   bound      the machine's bound for the strategy: decode, RGB conversion and exactly the resizes the
              reference performs, nothing else, in 1 process and in a pool of 2 (on these 2 cores).
-  vlmtile    `preprocess` (strict, bit-exact), Parquet, float16 (the default), 1 and 2 workers.
+  vlmtile    `preprocess` (strict, bit-exact), Parquet (`--format webdataset`: tar shards), float16 (the
+             default), 1 and 2 workers.
   fast       `preprocess --fast` (not bit-exact), 2 workers; its PSNR against strict output is computed
              separately (untimed) on every image.
 
@@ -347,6 +348,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         inputs=tuple(spec["inputs"]),
         output=spec["output"],
         strategy=strategy,
+        format=spec.get("format", "parquet"),
         dtype=spec.get("dtype", "float16"),
         workers=spec["workers"],
         shard_size=len(IMAGE_SET),
@@ -503,6 +505,12 @@ def main() -> None:
     parser.add_argument("--wait-timeout", type=float, default=600, help="Longest wait in seconds [600].")
     parser.add_argument("--no-extras", action="store_true", help="Skip the profile, dtype and memory cases.")
     parser.add_argument("--quick", action="store_true", help="internvl and qwen2.5-vl, 1 repeat, no waiting.")
+    parser.add_argument(
+        "--format",
+        choices=("parquet", "webdataset"),
+        default="parquet",
+        help="Output of the main table's vlmtile cases; the extras write Parquet [parquet].",
+    )
     parser.add_argument("--json", help="Also write all results to this JSON file.")
     parser.add_argument("--markdown", help="Also write the results tables as Markdown to this file.")
     args = parser.parse_args()
@@ -544,6 +552,7 @@ def main() -> None:
             "paths": paths,
             "inputs": [folder],
             "scratch": scratch,
+            "format": args.format,
             **extra,
         }
 
@@ -627,6 +636,7 @@ def main() -> None:
         "images": [{"path": os.path.basename(p), "bytes": os.path.getsize(p)} for p in paths],
         "megapixels": megapixels,
         "repeats": args.repeats,
+        "format": args.format,
         "rows": rows,
         "extras": extras,
     }
@@ -689,7 +699,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}, Pillow {m['pillow']}, numpy "
         f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
         f"the output's disk writes {m['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (512 MiB + fsync). "
-        f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; "
+        f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; vlmtile writes "
+        f"{result.get('format', 'parquet')}, float16; "
         f"medians of {result['repeats']} (images/s).",
         "",
         "| strategy | user loop | bound 1p | bound 2p | strict 1w | strict 2w | fast 2w "
