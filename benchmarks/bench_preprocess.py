@@ -13,7 +13,7 @@ the same run, it measures:
   bound      the machine's bound for the strategy: decode, RGB conversion and exactly the resizes the
              reference performs, nothing else, in 1 process and in a pool of 2 (on these 2 cores).
   vlmtile    `preprocess` (strict, bit-exact), Parquet (`--format webdataset`: tar shards), float16 (the
-             default), 1 and 2 workers.
+             default; `--dtype uint8` stores the exact pixels the reader normalizes), 1 and 2 workers.
   fast       `preprocess --fast` (not bit-exact), 2 workers; its PSNR against strict output is computed
              separately (untimed) on every image.
 
@@ -41,6 +41,7 @@ all its descendants, polled every 20 ms. Cases are interleaved across repeats; m
     python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~36 min
     python benchmarks/bench_preprocess.py --quick               # 2 strategies, 1 repeat, smoke run
     python benchmarks/bench_preprocess.py -s internvl -s qwen2.5-vl --markdown perf.md --json perf.json
+    python benchmarks/bench_preprocess.py --dtype uint8 --no-extras   # the main table storing uint8
 """
 
 from __future__ import annotations
@@ -511,6 +512,12 @@ def main() -> None:
         default="parquet",
         help="Output of the main table's vlmtile cases; the extras write Parquet [parquet].",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "uint8"),
+        default="float16",
+        help="Storage dtype of the main table's vlmtile cases; the extras write float16 [float16].",
+    )
     parser.add_argument("--json", help="Also write all results to this JSON file.")
     parser.add_argument("--markdown", help="Also write the results tables as Markdown to this file.")
     args = parser.parse_args()
@@ -553,6 +560,7 @@ def main() -> None:
             "inputs": [folder],
             "scratch": scratch,
             "format": args.format,
+            "dtype": args.dtype,
             **extra,
         }
 
@@ -637,6 +645,7 @@ def main() -> None:
         "megapixels": megapixels,
         "repeats": args.repeats,
         "format": args.format,
+        "dtype": args.dtype,
         "rows": rows,
         "extras": extras,
     }
@@ -700,7 +709,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
         f"the output's disk writes {m['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (512 MiB + fsync). "
         f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; vlmtile writes "
-        f"{result.get('format', 'parquet')}, float16; "
+        f"{result.get('format', 'parquet')}, {result.get('dtype', 'float16')}; "
         f"medians of {result['repeats']} (images/s).",
         "",
         "| strategy | user loop | bound 1p | bound 2p | strict 1w | strict 2w | fast 2w "
