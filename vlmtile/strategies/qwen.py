@@ -137,14 +137,18 @@ class QwenVL(Strategy):
 
         Cut channel by channel from Pillow's planes (`split`): each copy then moves runs of p bytes,
         where cutting the interleaved RGB array moves single bytes 3 apart (uint8 `render` of a 12 MP
-        image without its resize: 222 -> 197 ms, medians of 11)."""
+        image without its resize: 222 -> 197 ms, medians of 11). Each run is moved as one p-byte void
+        element, so numpy's copy loops once per run instead of once per byte (the cut of a 12 MP image:
+        53 -> 30 ms at patch 14, 40 -> 22 ms at patch 16, medians of 7)."""
         p, m = self.patch_size, self.merge_size
         _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
         resized = image.resize((plan.resized_width, plan.resized_height), Image.Resampling.BICUBIC)
         planes = np.empty((grid_h // m, grid_w // m, m, m, 3, p, p), dtype=np.uint8)
+        run = np.dtype(f"V{p}")  # one patch row of one channel
+        runs = planes.view(run)[..., 0]  # (windows down, windows across, m, m, 3, p) runs
         for c, band in enumerate(resized.split()):
-            plane = image_view(band).reshape(grid_h // m, m, p, grid_w // m, m, p)
-            planes[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2, 5)
+            plane = np.ascontiguousarray(image_view(band)).view(run)
+            runs[:, :, :, :, c] = plane.reshape(grid_h // m, m, p, grid_w // m, m).transpose(0, 3, 1, 4, 2)
         return planes.reshape(grid_h * grid_w, 3, p * p)
 
     def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
