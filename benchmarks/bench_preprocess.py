@@ -67,6 +67,8 @@ import numpy as np
 from bench_stats import make_photo, wait_for_quiet
 from PIL import Image, ImageDraw, ImageFont
 
+from vlmtile.dtypes import STORAGE_DTYPES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GENERATOR_VERSION = 2
 """Bump when the image set changes, so that cached images are regenerated."""
@@ -514,7 +516,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "float16", "bfloat16", "uint8"),
+        choices=STORAGE_DTYPES,
         default="float16",
         help="Storage dtype of the main table's vlmtile cases; the extras write float16 [float16].",
     )
@@ -687,7 +689,7 @@ def run_extras(
         extras["profile"][name] = stages
     base = {"strategy": "internvl", "paths": paths, "inputs": [folder], "scratch": scratch}
     extras["bytes_per_image"] = {}
-    for dtype in ("float32", "float16", "bfloat16", "uint8"):
+    for dtype in STORAGE_DTYPES:
         done = run_child({**base, "case": "vlmtile", "workers": 2, "dtype": dtype})
         extras["bytes_per_image"][dtype] = done["bytes"] / done["images"]
     extras["memory"] = {}
