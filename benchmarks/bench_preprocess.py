@@ -43,7 +43,7 @@ start-up excluded; pool / worker start-up included); the images are in the page 
 memory is the largest sum of PSS (proportional set size: shared pages counted once) over the child and
 all its descendants, polled every 20 ms. Cases are interleaved across repeats; medians are reported.
 
-    python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~36 min
+    python benchmarks/bench_preprocess.py                       # every strategy, 3 repeats, ~41 min
     python benchmarks/bench_preprocess.py --quick               # 2 strategies, 1 repeat, smoke run
     python benchmarks/bench_preprocess.py -s internvl -s qwen2.5-vl --markdown perf.md --json perf.json
     python benchmarks/bench_preprocess.py --dtype uint8 --no-extras   # the main table storing uint8
