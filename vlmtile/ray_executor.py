@@ -62,6 +62,8 @@ POLL_SECONDS = 0.1
 """How long the driver waits for a finished task before it looks at progress, timeouts and the stop flag."""
 REPORT_SECONDS = 0.25
 """A task sends its progress at most this often (one actor call), and always before it returns."""
+FINAL_REPORT_SECONDS = 30.0
+"""How long a task waits for the progress actor to take its last report before it returns anyway."""
 CANCEL_GRACE = 10.0
 """Seconds the driver waits for force-cancelled tasks to be reported dead before it gives up on them."""
 RESOURCES_SECONDS = 10.0
@@ -140,10 +142,17 @@ class _Reporter:
         if time.monotonic() - self.sent >= REPORT_SECONDS:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Send what was counted since the last call. `wait`: return only once the actor has added it.
+
+        A task's last report is waited for: the driver polls the actor after it sees the task finished,
+        and an actor call still in flight then would be lost with the run's last tasks (its calls come
+        from other processes, so Ray does not order them before the driver's poll)."""
         if (self.images or self.tokens) and self.tracker is not None:
             with contextlib.suppress(Exception):  # progress is best effort: it never fails a task
-                self.tracker.add.remote(self.key, self.images, self.tokens)
+                sent = self.tracker.add.remote(self.key, self.images, self.tokens)
+                if wait:
+                    importlib.import_module("ray").get(sent, timeout=FINAL_REPORT_SECONDS)
             self.images = self.tokens = 0
         self.sent = time.monotonic()
 
@@ -175,9 +184,9 @@ def _run_one(fn: Callable[[T, Progress], R], task: T, key: str, tracker: Any, cw
     try:
         result = fn(task, reporter)
     except BaseException as e:  # noqa: BLE001 - any failure is reported as this task's outcome
-        reporter.flush()
+        reporter.flush(wait=True)
         return ("error", f"{type(e).__name__}: {e}")
-    reporter.flush()
+    reporter.flush(wait=True)
     return ("result", result)
 
 
