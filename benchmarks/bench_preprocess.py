@@ -605,15 +605,9 @@ def main() -> None:
         scaling = run_scaling(
             scratch, data_dir, paths, args.repeats, args.strategy or list(PROFILED), args.format, args.dtype
         )
-        table = "\n".join(scaling_markdown(scaling)) + "\n"
         print(f"load after: {os.getloadavg()[0]:.2f}; vlmtile writes {args.format}, {args.dtype}")
-        print(table)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"load_before": load["load"], "scaling": scaling}, f, indent=2)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(table)
+        table = "\n".join(scaling_markdown(scaling)) + "\n"
+        report({"load_before": load["load"], "scaling": scaling}, table, args.json, args.markdown)
         shutil.rmtree(scratch, ignore_errors=True)
         return
     print("warm-up: the first strategy's cases once (not counted)", flush=True)
@@ -701,15 +695,19 @@ def main() -> None:
         "rows": rows,
         "extras": extras,
     }
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
+    report(result, markdown(result), args.json, args.markdown)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report(result: dict[str, Any], table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Print the tables, and save them and the raw results where `--json` / `--markdown` ask."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table)
 
 
 SCALING_CASES = (("bound", 1), ("bound", 2), ("vlmtile", 1), ("vlmtile", 2))
