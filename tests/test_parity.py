@@ -33,6 +33,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 from vlmtile import get_strategy
+from vlmtile.dtypes import decode_pixels, render_stored
 from vlmtile.strategies.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -622,6 +623,28 @@ def test_qwen3_matches_transformers(make_image, width, height, mode, seed):
 
 def test_sample_qwen3_matches_transformers(sample_path):
     check_qwen3_vs_transformers(_open(sample_path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8", "float16"])
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen3-vl"])
+def test_qwen_one_temporal_copy_reads_back_as_the_reference(sample_path, name, dtype):
+    """`temporal_copies=1` stores half of each row, and what the reader makes of it (`decode_pixels`, which
+    `open_dataset` uses) is the processor's `pixel_values`, bit for bit (float16: its rounding of them)."""
+    image = _open(sample_path)
+    if name == "qwen2-vl":
+        one = get_strategy(name, max_pixels=QWEN_CLASS_DEFAULT_MAX, temporal_copies=1)
+        ref = qwen_processor(QWEN_CLASS_DEFAULT_MAX)(image, return_tensors="np")["pixel_values"]
+    else:
+        one = get_strategy(name, temporal_copies=1)
+        ref = qwen3_processor()(image, return_tensors="np")["pixel_values"]
+    assert_identical(one.process(image).pixel_values, ref, f"{name} one copy, process")
+    rgb = one.prepare(image)
+    plan = one.plan(*rgb.size)
+    stored = render_stored(one, rgb, plan, dtype)
+    assert stored.shape == plan.shape == (ref.shape[0], ref.shape[1] // 2)
+    assert stored.dtype == np.dtype(dtype)
+    expected = ref.astype(np.float16).astype(np.float32) if dtype == "float16" else ref
+    assert_identical(decode_pixels(one, stored, dtype), expected, f"{name} one copy, {dtype} read back")
 
 
 QWEN3_EXAMPLES = [

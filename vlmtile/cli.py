@@ -106,7 +106,7 @@ def strategy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for name, (f, users) in sorted(_strategy_params().items(), reverse=True):
         flag = "--" + name.replace("_", "-")
         scope = "all strategies" if len(users) == len(list_strategies()) else ", ".join(users)
-        defaults = sorted({_show(get_strategy(u).params()[name]) for u in users})
+        defaults = sorted({_show(getattr(get_strategy(u), name)) for u in users})
         help_text = f"{f.metadata['help']} [{scope}; default {' / '.join(defaults)}]"
         kind = _field_kind(f)
         if kind == "bool":
@@ -121,6 +121,11 @@ def strategy_options(command: Callable[..., Any]) -> Callable[..., Any]:
             option = click.option(flag, name, type=float if kind == "float" else int, help=help_text)
         command = option(command)
     return command
+
+
+def _field_names(strategy: Any) -> set[str]:
+    """Every parameter a strategy has (`params()` leaves some out at their defaults)."""
+    return {f.name for f in dataclasses.fields(strategy)}
 
 
 def _show(value: Any) -> str:
@@ -783,7 +788,7 @@ def stats_cmd(
             unused = [
                 k
                 for k, v in options.items()
-                if v is not None and not any(k in c.strategy.params() for c in columns)
+                if v is not None and not any(k in _field_names(c.strategy) for c in columns)
             ]
             if unused:
                 raise click.UsageError(
@@ -864,10 +869,10 @@ def strategies() -> None:
     for name in list_strategies():
         preset = get_preset(name)
         click.echo(f"{name}: {preset.description}")
-        params = get_strategy(name).params()
+        default = get_strategy(name)
         for f in tunable_fields(preset.cls):
             flag = f"--{f.name.replace('_', '-')}"
-            click.echo(f"    {flag} (default {_show(params[f.name])}): {f.metadata['help']}")
+            click.echo(f"    {flag} (default {_show(getattr(default, f.name))}): {f.metadata['help']}")
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def render_stored(strategy: Strategy, image: Image.Image, plan: Plan, dtype: str
 
 
 def decode_pixels(strategy: Strategy, stored: np.ndarray, dtype: str) -> np.ndarray:
-    """A stored array -> float32 normalized (exact for float32 and uint8 storage)."""
+    """A stored array -> float32 normalized, in the model's layout (exact for float32 and uint8 storage)."""
     if dtype == "uint8":
-        return strategy.normalize(stored)
-    return stored.astype(np.float32)
+        return strategy.expand(strategy.normalize(stored))
+    return strategy.expand(stored.astype(np.float32))

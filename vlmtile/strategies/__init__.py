@@ -86,12 +86,18 @@ def describe(strategy: Strategy) -> str:
     One label per configuration, used by `stats` columns, `--emit-lengths` keys and `inspect` captions.
     """
     preset = get_preset(strategy.name)
-    defaults = get_strategy(preset.name).params()
-    params = strategy.params()
+    default = get_strategy(preset.name)
     changed = [
-        f"{f.name}={params[f.name]}" for f in tunable_fields(preset.cls) if params[f.name] != defaults[f.name]
+        f"{f.name}={_label(getattr(strategy, f.name))}"
+        for f in tunable_fields(preset.cls)
+        if getattr(strategy, f.name) != getattr(default, f.name)
     ]
     return f"{preset.name}[{','.join(changed)}]" if changed else preset.name
+
+
+def _label(value: Any) -> Any:
+    """A parameter as `params()` records it (tuples as lists), so labels read as they always have."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 for _module in (internvl, qwen, llava, deepseek, xcomposer, navit):

@@ -51,15 +51,24 @@ def param(
     choices: tuple[str, ...] | None = None,
     minimum: int | None = None,
     tunable: bool = True,
+    recorded_at_default: bool = True,
 ) -> Any:
     """Declare a strategy field. Tunable fields become `get_strategy` keywords and CLI options.
 
     Non-tunable fields (patch size, mean/std, ...) are fixed by a preset: changing them would describe a
-    different model, not a different budget for the same one.
+    different model, not a different budget for the same one. A field added after outputs were already
+    written declares `recorded_at_default=False`: `params()` leaves it out while it has its default, so
+    the manifests and settings of those outputs still match and they stay readable and resumable.
     """
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "minimum": minimum, "tunable": tunable},
+        metadata={
+            "help": help,
+            "choices": choices,
+            "minimum": minimum,
+            "tunable": tunable,
+            "recorded_at_default": recorded_at_default,
+        },
     )
 
 
@@ -82,7 +91,8 @@ class Plan:
     num_tokens: int
     """Visual placeholder tokens the language model sees for this image (wrapper tokens excluded)."""
     shape: tuple[int, ...]
-    """Shape of `pixel_values` in the model's own layout."""
+    """Shape of the stored `pixel_values`: the model's own layout, except that Qwen with `temporal_copies`
+    1 stores one temporal copy per patch row (`Strategy.expand` gives the model's layout)."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Strategy-specific metadata the model needs (e.g. Qwen's `image_grid_thw`), as JSON-able pairs."""
     content_box: Box | None = None
@@ -129,7 +139,7 @@ class Result:
     """What `Strategy.process` returns for one image."""
 
     pixel_values: np.ndarray
-    """float32, normalized, in the model's own layout (`plan.shape`)."""
+    """float32, normalized, in the model's own layout (`Strategy.expand` of `plan.shape`)."""
     plan: Plan
 
     @property
@@ -237,7 +247,7 @@ class Strategy:
         raise NotImplementedError
 
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
-        """Resize and tile an RGB image per `plan`; uint8 pixels in the model's layout (`plan.shape`)."""
+        """Resize and tile an RGB image per `plan`; uint8 pixels in the stored layout (`plan.shape`)."""
         raise NotImplementedError
 
     def channel_view(self, pixels: np.ndarray) -> np.ndarray:
@@ -254,6 +264,12 @@ class Strategy:
         """
         left, top, right, bottom = plan.image_box
         return right - left, bottom - top
+
+    def expand(self, stored: np.ndarray) -> np.ndarray:
+        """The stored layout (`plan.shape`) -> the model's own layout. The same array for every strategy
+        but Qwen with `temporal_copies` 1, which stores one temporal copy of each patch row and repeats it
+        here: the copies of a still image are equal, so the bits are the reference's."""
+        return stored
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
         """Undo the layout for people: (label, HxWx3 uint8) images, the resized canvas first.
@@ -343,10 +359,14 @@ class Strategy:
         return strategy
 
     def params(self) -> dict[str, Any]:
-        """Every resolved field, tunable or not: what the manifest records and the config hash covers."""
+        """Every resolved field, tunable or not: what the manifest records and the config hash covers.
+
+        A field declared `recorded_at_default=False` is left out while it has its default (see `param`)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if not f.metadata.get("recorded_at_default", True) and value == f.default:
+                continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -380,10 +400,10 @@ class Strategy:
         return self.normalize(self.render(image, plan), dtype)
 
     def process(self, image: Image.Image) -> Result:
-        """Full reference preprocessing of one PIL image in any mode."""
+        """Full reference preprocessing of one PIL image in any mode (in the model's layout, `expand`ed)."""
         rgb = self.prepare(image)
         plan = self.plan(*rgb.size)
-        return Result(pixel_values=self.render_normalized(rgb, plan), plan=plan)
+        return Result(pixel_values=self.expand(self.render_normalized(rgb, plan)), plan=plan)
 
 
 _HINTS: dict[type[Strategy], dict[str, Any]] = {}

@@ -6,7 +6,8 @@ Parity target: transformers' `Qwen2VLImageProcessorPil` with the public checkpoi
 min_pixels 65536, max_pixels 16777216, mean/std 0.5; Qwen3-VL checkpoints use the same processor class).
 The output layout is the processor's `pixel_values` for one image:
 (grid_h*grid_w, 3*temporal*patch*patch) rows, each run of merge*merge rows one merge window, the still
-image repeated along the temporal axis; `image_grid_thw` = (1, grid_h, grid_w).
+image repeated along the temporal axis; `image_grid_thw` = (1, grid_h, grid_w). With `temporal_copies` 1
+the stored rows hold one temporal copy (3*patch*patch values) and `expand` repeats it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ class QwenVL(Strategy):
     temporal_patch_size: int = param(2, "A still image is repeated this many times in time.", tunable=False)
     mean: tuple[float, ...] = param(CLIP_MEAN, "OpenAI CLIP mean.", tunable=False)
     std: tuple[float, ...] = param(CLIP_STD, "OpenAI CLIP std.", tunable=False)
+    temporal_copies: int = param(
+        2,
+        "Temporal copies stored per patch row: temporal_patch_size is the processor's pixel_values; 1 "
+        "stores half the bytes (the copies of a still image are equal) and open_dataset repeats it back, "
+        "bit-exact. Code that reads the shards without open_dataset must repeat it itself.",
+        minimum=1,
+        recorded_at_default=False,
+    )
 
     metadata_fields: ClassVar = types.MappingProxyType({"image_grid_thw": "list<int>"})
 
@@ -89,6 +98,11 @@ class QwenVL(Strategy):
     )
 
     def validate(self) -> None:
+        if self.temporal_copies not in (1, self.temporal_patch_size):
+            t, copies = self.temporal_patch_size, self.temporal_copies
+            raise ValueError(
+                f"{self.name}: temporal_copies must be 1 or temporal_patch_size ({t}); got {copies}"
+            )
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"{self.name}: min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})"
@@ -116,7 +130,7 @@ class QwenVL(Strategy):
         check_size(width, height)
         h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
         grid_h, grid_w = h // self.patch_size, w // self.patch_size
-        row = 3 * self.temporal_patch_size * self.patch_size**2
+        row = 3 * self.temporal_copies * self.patch_size**2
         return Plan(
             strategy=self.name,
             orig_width=width,
@@ -154,12 +168,16 @@ class QwenVL(Strategy):
     def render_normalized(self, image: Image.Image, plan: Plan, dtype: Any = np.float32) -> np.ndarray:
         """Normalize one frame's patch rows a block at a time and copy the block into every temporal
         copy while it is in cache: the same bits as `normalize(render(...))`, the table gather done
-        once per value instead of `temporal_patch_size` times, and every copy contiguous per channel."""
-        t = self.temporal_patch_size
+        once per value instead of `temporal_patch_size` times, and every copy contiguous per channel.
+        One stored copy is gathered straight into the output."""
+        t = self.temporal_copies
         planes = self._patch_planes(image, plan)
         n, _, area = planes.shape
         table = self.table(dtype)
         out = np.empty((n, 3, t, area), dtype=table.dtype)
+        if t == 1:
+            gather(table, planes, out.reshape(n, 3, area))
+            return out.reshape(plan.shape)
         rows = max(1, GATHER_CHUNK // (3 * area))
         frame = np.empty((min(rows, n), 3, area), dtype=table.dtype)
         for start in range(0, n, rows):
@@ -170,7 +188,9 @@ class QwenVL(Strategy):
 
     def render(self, image: Image.Image, plan: Plan) -> np.ndarray:
         planes = self._patch_planes(image, plan)
-        out = np.empty((planes.shape[0], 3, self.temporal_patch_size, planes.shape[2]), dtype=np.uint8)
+        if self.temporal_copies == 1:
+            return planes.reshape(plan.shape)
+        out = np.empty((planes.shape[0], 3, self.temporal_copies, planes.shape[2]), dtype=np.uint8)
         out[...] = planes[:, :, None]  # a still image: every temporal copy is the same frame
         return out.reshape(plan.shape)
 
@@ -181,8 +201,10 @@ class QwenVL(Strategy):
         """Normalize one temporal copy and repeat the floats: a still image's `temporal_patch_size` copies
         are equal (render repeats the frame), and the table gather costs ten times a copy. Arrays whose
         copies differ (not from `render`) take the general path."""
-        t = self.temporal_patch_size
+        t = self.temporal_copies
         n = pixels.shape[0]
+        if t == 1:
+            return super().normalize(pixels, dtype)
         frames = pixels.reshape(n, 3, t, -1)
         if not all(np.array_equal(frames[:, :, 0], frames[:, :, i]) for i in range(1, t)):
             return super().normalize(pixels, dtype)
@@ -191,6 +213,17 @@ class QwenVL(Strategy):
         out = np.empty((n, 3, t, frame.shape[1] // 3), dtype=normalized.dtype)
         out[...] = normalized.reshape(n, 3, 1, -1)
         return out.reshape(pixels.shape)
+
+    def expand(self, stored: np.ndarray) -> np.ndarray:
+        """Rows of `temporal_copies` copies -> rows of `temporal_patch_size` copies (the processor's
+        `pixel_values`): every stored copy repeated, channel by channel, as `render` would have."""
+        t = self.temporal_patch_size
+        if self.temporal_copies == t:
+            return stored
+        n = stored.shape[0]
+        out = np.empty((n, 3, t, stored.shape[1] // 3), dtype=stored.dtype)
+        out[...] = stored.reshape(n, 3, 1, -1)
+        return out.reshape(n, -1)
 
     def sequence_unit(self) -> int:
         """A merge window (merge_size^2 rows) becomes one LLM token: packing never cuts one apart."""
@@ -206,7 +239,7 @@ class QwenVL(Strategy):
         return merge_window_positions(*self.patch_grid(metadata), self.merge_size)
 
     def views(self, pixels: np.ndarray, plan: Plan) -> list[tuple[str, np.ndarray]]:
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        p, m, t = self.patch_size, self.merge_size, self.temporal_copies
         _, grid_h, grid_w = dict(plan.extra)["image_grid_thw"]
         blocks = pixels.reshape(grid_h // m, grid_w // m, m, m, 3, t, p, p)[:, :, :, :, :, 0]
         image = blocks.transpose(0, 2, 5, 1, 3, 6, 4).reshape(grid_h * p, grid_w * p, 3)
