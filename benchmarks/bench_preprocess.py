@@ -47,6 +47,7 @@ all its descendants, polled every 20 ms. Cases are interleaved across repeats; m
     python benchmarks/bench_preprocess.py --quick               # 2 strategies, 1 repeat, smoke run
     python benchmarks/bench_preprocess.py -s internvl -s qwen2.5-vl --markdown perf.md --json perf.json
     python benchmarks/bench_preprocess.py --dtype uint8 --no-extras   # the main table storing uint8
+    python benchmarks/bench_preprocess.py -s qwen2-vl --temporal-copies 1 --no-extras  # Qwen, one copy
     python benchmarks/bench_preprocess.py --scaling -s internvl -s navit  # only the scaling case
 """
 
@@ -350,6 +351,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     case, name, paths = spec["case"], spec["strategy"], spec["paths"]
     strategy = vlmtile.get_strategy(name, **STRATEGIES[name])
+    copies = spec.get("temporal_copies")
+    if copies is not None and case in ("vlmtile", "fast") and hasattr(strategy, "temporal_copies"):
+        strategy = vlmtile.get_strategy(name, **STRATEGIES[name], temporal_copies=copies)
     with Image.open(paths[0]) as warm:  # Pillow loads its decoders on first use: not a per-image cost
         strategy.process(warm.convert("RGB").resize((64, 48)))
     if case == "user":
@@ -553,6 +557,13 @@ def main() -> None:
         default="float16",
         help="Storage dtype of the main table's vlmtile cases; the extras write float16 [float16].",
     )
+    parser.add_argument(
+        "--temporal-copies",
+        type=int,
+        choices=(1, 2),
+        help="Qwen presets: temporal copies stored by the main table's vlmtile cases (1: half the bytes, "
+        "read back bit-exact) [the presets' 2].",
+    )
     parser.add_argument("--json", help="Also write all results to this JSON file.")
     parser.add_argument("--markdown", help="Also write the results tables as Markdown to this file.")
     args = parser.parse_args()
@@ -596,6 +607,7 @@ def main() -> None:
             "scratch": scratch,
             "format": args.format,
             "dtype": args.dtype,
+            "temporal_copies": args.temporal_copies,
             **extra,
         }
 
@@ -692,6 +704,7 @@ def main() -> None:
         "repeats": args.repeats,
         "format": args.format,
         "dtype": args.dtype,
+        "temporal_copies": args.temporal_copies,
         "rows": rows,
         "extras": extras,
     }
@@ -827,8 +840,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['numpy']}; load average {m['load_before']:.2f} before, {m['load_after']:.2f} after; "
         f"the output's disk writes {m['disk_write_bytes_per_s'] / 1e6:.0f} MB/s (512 MiB + fsync). "
         f"{len(result['images'])} images, {result['megapixels']:.1f} MP in all; vlmtile writes "
-        f"{result.get('format', 'parquet')}, {result.get('dtype', 'float16')}; "
-        f"medians of {result['repeats']} (images/s).",
+        f"{result.get('format', 'parquet')}, {result.get('dtype', 'float16')}"
+        + (f", Qwen temporal_copies {result['temporal_copies']}" if result.get("temporal_copies") else "")
+        + f"; medians of {result['repeats']} (images/s).",
         "",
         "| strategy | user loop | bound 1p | bound 2p | strict 1w | strict 2w | fast 2w "
         "| strict / bound (1 core, 2 cores) | paired, 1 core: median [range] "
